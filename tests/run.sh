@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the tests need into .venv (created if missing) and runs the suite.
+# Usage: bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+# torch first, pinned: an unpinned torch pulled in by a dependency may be a multi-GB CUDA build.
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q torch==2.13.0
+fi
+"$VPY" -m pip install -q -e ".[dev]"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+# DeepSpeed compiles its shm comm op once per machine; keep the build cache inside the checkout's venv.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$VPY" -m pytest -q "$@" tests
