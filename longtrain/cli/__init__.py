@@ -28,8 +28,27 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` that the deepspeed launcher inserts before the subcommand.
+
+    The same value is in the LOCAL_RANK environment variable, which is what we read.
+    """
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -1,0 +1,51 @@
+"""``longtrain train``: run a staged training recipe (launched as-is by deepspeed, torchrun or srun)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  longtrain train --config configs/tiny_cpu.yaml --run-dir runs/tiny
+  longtrain train --config configs/tiny_cpu.yaml --run-dir runs/tiny --set stages.1.steps=200 --resume auto
+  deepspeed --num_gpus 8 -m longtrain.cli train --config configs/qwen2_7b_4k_to_32k.yaml --run-dir runs/q
+  torchrun --nproc_per_node 8 -m longtrain.cli train --config ... --run-dir ...
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longtrain train", description="Continued pretraining through a staged RoPE schedule with DeepSpeed.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run recipe (YAML)")
+    parser.add_argument("--run-dir", required=True, help="run folder: resolved config, metrics.jsonl, checkpoints/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. stages.1.steps=200 (repeatable; value parsed as YAML)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="auto: latest complete checkpoint of --run-dir (fresh start if none); "
+                             "or a checkpoint / run folder")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from longtrain.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"longtrain train: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from longtrain.checkpoint import CheckpointError
+    from longtrain.trainer import train
+
+    try:
+        return train(cfg, args.run_dir, args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"longtrain train: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,388 @@
+"""Run configuration: typed dataclasses, YAML loading, dotted overrides, validation.
+
+One source of truth (DESIGN.md section 1): a run's YAML is validated into these dataclasses,
+command-line overrides (``--set stages.1.steps=200``) are merged strictly (an unknown key is an
+error naming it), and the resolved config is what the run folder and every checkpoint store.
+The DeepSpeed JSON is generated from it (``longtrain/ds_config.py``), never hand-synchronised.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (e.g. ``stages.1.rope.theta``)."""
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+SP_MODES = ("ulysses", "ring")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_DECAYS = ("cosine", "linear", "constant")
+OPTIMIZER_IMPLS = ("auto", "torch", "fused", "cpu_adam")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Local HF model folder (or hub id where online) to continue training from."""
+    config: dict[str, Any] | None = None
+    """Build from scratch instead: HF config fields incl. ``model_type`` (e.g. llama, qwen2, mistral)."""
+    tokenizer: str | None = None
+    """Tokenizer file or folder; default: the model folder. Checked against every stage's dataset."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder / hub (off unless asked)."""
+    init_seed: int = 0
+    """Seed for the random initialisation of a model built from ``config``."""
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ConfigError("model: give exactly one of model.name_or_path (continue a model) "
+                              "or model.config (build one from scratch)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ConfigError("model.config.model_type is required (e.g. llama, qwen2, mistral)")
+
+
+@dataclass
+class OptimizerConfig:
+    impl: str = "auto"
+    """auto (DeepSpeedCPUAdam with offload, FusedAdam on CUDA, torch AdamW otherwise), torch, fused, cpu_adam."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to matrices only; biases, norms and embeddings of size-1 dims are not decayed."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.optimizer.impl", self.impl, OPTIMIZER_IMPLS)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    """Seed of the data order (per stage) and of any randomness in training."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer state offload to CPU (uses DeepSpeedCPUAdam)."""
+    offload_param: bool = False
+    """ZeRO-3 parameter offload to CPU."""
+    precision: str = "bf16"
+    """fp32, bf16 or fp16 (mixed precision through DeepSpeed; RoPE frequencies always stay fp32)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    activation_checkpointing: bool = True
+    """Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant)."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the cross-entropy: ``[seq, vocab]`` logits are never held in full."""
+    checkpoint_every: int = 0
+    """Save every N optimizer steps (0: only at stage ends, on SIGTERM/SIGUSR1 and at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the last K complete checkpoints (0 keeps all)."""
+    log_every: int = 1
+    """Console line every N steps (metrics.jsonl always gets every step)."""
+    tensorboard: bool = True
+    """Also log to TensorBoard when the ``tensorboard`` package is installed."""
+    peak_tflops: float | None = None
+    """Per-device peak for the MFU estimate; default: measured matmul peak (CPU) or a known GPU table."""
+    log_samples: bool = False
+    """Write the dataset row ids each rank consumed per step to samples.rank{R}.jsonl (audits data order)."""
+    stop_after_steps: int | None = None
+    """Stop (with a checkpoint) after this many global steps of this invocation; for tests and demos."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("train.offload_param needs train.zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
+        _check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
+        _check_positive("train.log_every", self.log_every)
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class StageConfig:
+    seq_len: int
+    """Tokens per dataset row in this stage (must equal the dataset's seq_len)."""
+    rope: dict[str, Any]
+    """RoPE setting, e.g. {type: default, theta: 1000000} or {type: yarn, factor: 4, theta: 10000}."""
+    data: str
+    """Prepared dataset folder (``longtrain prepare``) for this stage."""
+    lr: float
+    """Peak learning rate of this stage."""
+    name: str | None = None
+    """Label for logs and checkpoints; default ``stage{i}``."""
+    steps: int | None = None
+    """Optimizer steps in this stage (give steps or tokens)."""
+    tokens: int | None = None
+    """Token budget instead of steps: steps = ceil(tokens / tokens_per_step)."""
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    decay: str = "cosine"
+    """cosine, linear or constant after warmup, from lr down to min_lr at the stage's last step."""
+    micro_batch_size: int = 1
+    """Dataset rows per forward per data-parallel rank (flattened into one packed sequence)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step per data-parallel rank."""
+    sp_size: int = 1
+    """Sequence-parallel degree: ranks sharing each sequence (data parallel = world / sp_size)."""
+    sp_mode: str = "ulysses"
+    """ulysses (all-to-all over heads) or ring (KV blocks around a ring, zigzag-balanced)."""
+    max_position_embeddings: int | None = None
+    """Written into the model config for this stage; default seq_len."""
+
+    def validate(self, where: str) -> None:
+        _check_positive(f"{where}.seq_len", self.seq_len)
+        if self.seq_len < 2:
+            raise ConfigError(f"{where}.seq_len must be >= 2, got {self.seq_len}")
+        if (self.steps is None) == (self.tokens is None):
+            raise ConfigError(f"{where}: give exactly one of {where}.steps or {where}.tokens")
+        if self.steps is not None:
+            _check_positive(f"{where}.steps", self.steps)
+        if self.tokens is not None:
+            _check_positive(f"{where}.tokens", self.tokens)
+        if not self.lr > 0:
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{where}.min_lr must be in [0, lr], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check_choice(f"{where}.decay", self.decay, LR_DECAYS)
+        _check_positive(f"{where}.micro_batch_size", self.micro_batch_size)
+        _check_positive(f"{where}.grad_accum", self.grad_accum)
+        _check_positive(f"{where}.sp_size", self.sp_size)
+        _check_choice(f"{where}.sp_mode", self.sp_mode, SP_MODES)
+        rope_type = self.rope.get("type")
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"{where}.rope.type must be one of {', '.join(ROPE_TYPES)}, got {rope_type!r}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_len:
+            raise ConfigError(f"{where}.max_position_embeddings ({self.max_position_embeddings}) "
+                              f"is below {where}.seq_len ({self.seq_len})")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    stages: list[StageConfig]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed keys merged over the generated config (nested dicts merge; values win)."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is required")
+        for i, stage in enumerate(self.stages):
+            stage.validate(f"stages.{i}")
+            if stage.name is None:
+                stage.name = f"stage{i}"
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"stages: names must be unique, repeated: {', '.join(dupes)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and strict typed construction
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run YAML, apply dotted ``key=value`` overrides, validate into a RunConfig.
+
+    Relative dataset and model paths are resolved against the working directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with model, stages, train, deepspeed")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = config_from_dict(raw)
+    _resolve_paths(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, copy.deepcopy(raw), "")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.0.c=value`` (value parsed as YAML) to the raw config dict, in place.
+
+    Keys must already exist except inside free-form mappings (``deepspeed``, ``model.config``,
+    ``stages.N.rope``); the typed construction afterwards rejects unknown keys anyway.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    value = yaml.safe_load(text) if text.strip() else None
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: depth + 1]), create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is a value, not a mapping or list")
+
+
+def _child(node: Any, part: str, where: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, where)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            if not create:
+                raise ConfigError(f"unknown key: {where}")
+            node[part] = {}
+        return node[part]
+    raise ConfigError(f"override {where}: parent is a value, not a mapping or list")
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    try:
+        index = int(part)
+    except ValueError:
+        raise ConfigError(f"override {where}: {part!r} must be a list index") from None
+    if not -len(node) <= index < len(node):
+        raise ConfigError(f"override {where}: index {index} out of range (the list has {len(node)} items)")
+    return index
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Strictly convert ``value`` to type ``tp``; errors name the key path ``where``."""
+    name = where or "<top level>"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _build(non_none[0], value, where)
+        raise ConfigError(f"{name}: unsupported union type {tp}")  # pragma: no cover - not used
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"unknown key {prefix}{unknown[0]} (valid keys here: {', '.join(sorted(fields))})")
+        kwargs = {}
+        for key, item in value.items():
+            kwargs[key] = _build(hints[key], item, f"{where}.{key}" if where else key)
+        missing = [f.name for f in fields.values() if f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"missing required key {prefix}{missing[0]}")
+        try:
+            return tp(**kwargs)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_build(item_tp, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    return _scalar(tp, value, name)
+
+
+def _scalar(tp: type, value: Any, name: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e6" as a string; accept integral numbers written that way.
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported type {tp}")  # pragma: no cover
+
+
+def _resolve_paths(cfg: RunConfig) -> None:
+    """Make relative local paths absolute against the working directory (as every CLI does).
+
+    Stored absolute in the resolved config, so a resumed or exported run finds the same files
+    from any directory. A model id such as ``Qwen/Qwen2-7B`` with no such local folder stays as
+    written (a hub id).
+    """
+    for stage in cfg.stages:
+        stage.data = str(Path(stage.data).expanduser().resolve())
+    for attr in ("name_or_path", "tokenizer"):
+        value = getattr(cfg.model, attr)
+        if value is not None and Path(value).expanduser().exists():
+            setattr(cfg.model, attr, str(Path(value).expanduser().resolve()))
+
+
+def _check_positive(key: str, value: int) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
