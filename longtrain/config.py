@@ -208,20 +208,44 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
     Relative dataset and model paths are resolved against the working directory.
     """
-    path = Path(path)
+    raw = _read_yaml_with_includes(Path(path), seen=())
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = config_from_dict(raw)
+    _resolve_paths(cfg)
+    return cfg
+
+
+def _read_yaml_with_includes(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Read a YAML mapping; ``include: [preset.yaml, ...]`` (paths relative to this file) are merged
+    first, in order, and this file's own keys win (e.g. ``configs/deepspeed/zero3_offload.yaml``)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: include cycle ({' -> '.join(str(p) for p in seen)})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with model, stages, train, deepspeed")
-    for item in overrides or []:
-        apply_override(raw, item)
-    cfg = config_from_dict(raw)
-    _resolve_paths(cfg)
-    return cfg
+    includes = raw.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_yaml_with_includes(path.parent / inc, seen + (path.resolve(),)))
+    return _deep_merge(merged, raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:

@@ -102,3 +102,27 @@ def test_deepspeed_config_generation_and_passthrough():
     raw["train"].update(offload_optimizer=False, zero_stage=2, precision="fp32")
     ds = build_deepspeed_config(config_from_dict(raw), world_size=1, on_cuda=False)
     assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_include_presets_merge_and_the_including_file_wins(tmp_path):
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump({"train": {"zero_stage": 3, "precision": "bf16"}}))
+    raw = base_raw()
+    raw["include"] = ["preset.yaml"]
+    raw["train"] = {"precision": "fp32"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.train.zero_stage == 3 and cfg.train.precision == "fp32"
+    (tmp_path / "loop.yaml").write_text("include: [loop.yaml]\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("recipe", ["tiny_cpu.yaml", "qwen2_7b_4k_to_32k.yaml", "llama3_8b_8k_to_64k.yaml"])
+def test_shipped_recipes_validate(recipe):
+    from tests.conftest import REPO_ROOT
+
+    path = REPO_ROOT / "configs" / recipe
+    if not path.exists():
+        pytest.skip(f"{recipe} not written yet")
+    cfg = load_config(path)
+    assert cfg.stages
