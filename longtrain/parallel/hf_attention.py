@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import functools
 
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
-
 from .ring import ring_attention
 from .sharding import check_mode
 from .state import ParallelState
@@ -82,6 +79,10 @@ def parallelize_attention(model, state: ParallelState, mode: str = "ulysses") ->
     ``sp_size == 1`` selects the single-device ``"longtrain"`` attention, so a trainer can call
     this at every stage start whatever the stage's ``sp_size``.
     """
+    # imported here: transformers costs seconds to import and only this entry point needs it
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
     check_sp_for_model(model.config, state.sp_size, mode)
     if state.sp_size == 1:
         from longtrain.attention import register_attention

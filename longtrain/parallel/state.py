@@ -35,13 +35,28 @@ def check_sp_size(sp_size: int, world_size: int) -> None:
             f"With {world_size} ranks use sp_size in {divisors(world_size)}.")
 
 
+def _new_sp_group(world_size: int, rank: int, sp_size: int) -> dist.ProcessGroup:
+    """Create all ``world_size / sp_size`` SP groups (collective) and return this rank's."""
+    if (dist.get_world_size(), dist.get_rank()) != (world_size, rank):
+        raise ValueError(f"ParallelState(world_size={world_size}, rank={rank}) does not match torch.distributed "
+                         f"(world size {dist.get_world_size()}, rank {dist.get_rank()})")
+    mine = None
+    for first in range(0, world_size, sp_size):
+        group = dist.new_group(list(range(first, first + sp_size)))
+        if first <= rank < first + sp_size:
+            mine = group
+    return mine
+
+
 @dataclass(frozen=True, eq=False)
 class ParallelState:
-    """Where this rank sits in the SP x DP grid for one ``sp_size``.
+    """Where this rank sits in the SP x DP grid for one ``sp_size``, with its SP process group.
 
-    ``sp_group`` is the process group of this rank's SP group (``None`` when ``sp_size == 1``:
-    nothing is exchanged). Build states with ``init_parallel_states``; constructing one by
-    hand without a group is fine for ``sp_size == 1`` and for layout arithmetic.
+    **Collective when torch.distributed is initialised and ``sp_size > 1``**: the constructor then
+    creates the SP groups (``torch.distributed.new_group`` on every rank), so construct the states
+    of every ``sp_size`` of the run up front, on all ranks, in the same order
+    (``init_parallel_states`` does exactly that). Without an initialised process group (or with
+    ``sp_size == 1``) ``sp_group`` stays ``None``: fine for layout arithmetic and single-process runs.
     """
 
     world_size: int
@@ -53,6 +68,8 @@ class ParallelState:
         check_sp_size(self.sp_size, self.world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank={self.rank} is outside the world of {self.world_size} ranks")
+        if self.sp_size > 1 and self.sp_group is None and dist.is_available() and dist.is_initialized():
+            object.__setattr__(self, "sp_group", _new_sp_group(self.world_size, self.rank, self.sp_size))
 
     @property
     def dp_size(self) -> int:
@@ -73,14 +90,14 @@ class ParallelState:
         return list(range(first, first + self.sp_size))
 
     def sp_global_rank(self, sp_rank: int) -> int:
-        """Global rank of the member ``sp_rank`` of this rank's SP group."""
+        """Global rank of the member ``sp_rank`` (mod ``sp_size``) of this rank's SP group."""
         return self.dp_rank * self.sp_size + sp_rank % self.sp_size
 
-    def require_group(self) -> dist.ProcessGroup:
+    def require_group(self) -> Optional[dist.ProcessGroup]:
         if self.sp_size > 1 and self.sp_group is None:
             raise RuntimeError(
-                f"ParallelState(sp_size={self.sp_size}) has no process group: build it with "
-                f"longtrain.parallel.init_parallel_states([...]) after torch.distributed is initialised")
+                f"{self!r} has no process group: construct it after torch.distributed is initialised "
+                f"(longtrain.parallel.init_parallel_states([...]) on every rank)")
         return self.sp_group
 
     def __repr__(self) -> str:
@@ -92,8 +109,8 @@ def init_parallel_states(sp_sizes: Iterable[int]) -> dict[int, ParallelState]:
     """Create the SP groups of every ``sp_size`` in ``sp_sizes``; returns ``{sp_size: state}``.
 
     Collective: call it on every rank with the same ``sp_sizes`` (e.g. the ``sp_size`` of every
-    stage of the run), after ``torch.distributed`` is initialised. Without an initialised
-    process group only ``sp_size == 1`` is allowed (a plain single-process run).
+    stage), after ``torch.distributed`` is initialised. Without an initialised process group
+    only ``sp_size == 1`` is possible (a plain single-process run).
     """
     sizes = sorted(set(sp_sizes))  # sorted: the same new_group order on every rank
     if not sizes:
@@ -104,13 +121,4 @@ def init_parallel_states(sp_sizes: Iterable[int]) -> dict[int, ParallelState]:
         world_size, rank = 1, 0
     for sp in sizes:
         check_sp_size(sp, world_size)
-    states = {}
-    for sp in sizes:
-        mine = None
-        if sp > 1:
-            for first in range(0, world_size, sp):
-                group = dist.new_group(list(range(first, first + sp)))
-                if first <= rank < first + sp:
-                    mine = group
-        states[sp] = ParallelState(world_size, rank, sp, mine)
-    return states
+    return {sp: ParallelState(world_size, rank, sp) for sp in sizes}

@@ -1,0 +1,43 @@
+"""Run a function on N gloo ranks (spawned processes on 127.0.0.1) and collect their results.
+
+Each rank's ``fn(rank, world_size, *args)`` returns a JSON-serialisable value; a failing rank
+raises in the parent with its traceback. Collectives get a 120 s timeout so a deadlock fails
+the test instead of hanging CI.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        result = fn(rank, world_size, *args)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, out_dir, *args) -> list:
+    """Spawn ``world_size`` ranks running ``fn``; returns the list of per-rank results."""
+    mp.spawn(_entry, args=(world_size, free_port(), str(out_dir), fn, args), nprocs=world_size, join=True)
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]
