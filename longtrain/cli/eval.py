@@ -1,0 +1,64 @@
+"""`longtrain eval`: perplexity by position and passkey retrieval for one or more models."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXAMPLE = """example:
+  longtrain eval runs/base/export runs/long/export --names base long \\
+      --data ../shared/data/corpora/wikitext2_valid.jsonl --lengths 512 2048 --out eval_out
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longtrain eval", epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Perplexity by position and passkey retrieval, with plots "
+                                            "(docs/evaluation.md).")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="exported HF folder, or a longtrain run / checkpoint folder")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="held-out text files, folders, JSONL ('text' field), or one prepared dataset folder")
+    p.add_argument("--lengths", nargs="+", type=int, help="context lengths (default: max_position_embeddings)")
+    p.add_argument("--out", default="eval_out", help="output folder (default: eval_out)")
+    p.add_argument("--names", nargs="+", help="a display name per MODEL (default: folder names)")
+    p.add_argument("--bucket-size", type=int, help="positions per bucket (default: length // 16)")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: non-overlapping chunks)")
+    p.add_argument("--max-tokens", type=int, help="scored tokens per model and length (default: all)")
+    p.add_argument("--passkey-lengths", nargs="+", type=int, help="default: --lengths")
+    p.add_argument("--passkey-depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--passkey-trials", type=int, default=5, help="per length and depth; 0 skips passkey")
+    p.add_argument("--filler", help="text file for passkey filler (default: the --data documents)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--attn-implementation", default="sdpa", help="transformers attention (default sdpa)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward (windows batched)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from longtrain.eval.loading import EvalLoadError
+    from longtrain.eval.report import markdown_table
+    from longtrain.eval.runner import EvalConfig, run_eval
+
+    try:
+        cfg = EvalConfig(
+            lengths=args.lengths, stride=args.stride, bucket_size=args.bucket_size,
+            max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths,
+            passkey_depths=tuple(args.passkey_depths), passkey_trials=args.passkey_trials,
+            filler=args.filler, seed=args.seed, device=args.device, dtype=args.dtype,
+            attn_implementation=args.attn_implementation, batch_tokens=args.batch_tokens,
+            progress=not args.no_progress)
+        results = run_eval(args.models, args.data, args.out, cfg, names=args.names)
+    except (ValueError, EvalLoadError) as exc:
+        print(f"longtrain eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_table(results))
+    for key, path in results["files"].items():
+        print(f"{key}: {path}")
+    return 0

@@ -1,0 +1,135 @@
+"""Load a model to evaluate (exported HF folder or longtrain checkpoint), and reset its RoPE state.
+
+Fresh RoPE per length (DESIGN.md section 3b, trap b): transformers' dynamic NTK rotary embedding
+enlarges its base during a long forward and keeps it for a following forward of length exactly
+``max_position_embeddings`` (``dynamic_rope_update`` only resets when ``seq_len < original``).
+Instead of reloading weights for every length, we rebuild each rotary embedding module from the
+model config with the module's own constructor, which is what a fresh ``from_pretrained`` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longtrain.eval.tokenizer import EvalTokenizer, load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EvalLoadError(ValueError):
+    """A MODEL argument could not be loaded; the message says which and what to do."""
+
+
+@dataclasses.dataclass
+class EvalModel:
+    name: str
+    path: str
+    kind: str  # "hf" | "checkpoint"
+    model: nn.Module  # a transformers *ForCausalLM in eval mode
+    tokenizer: EvalTokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def model_kind(path: str | Path) -> str:
+    """'checkpoint' for a longtrain run dir or tag folder, 'hf' for a HF folder (or a Hub name)."""
+    p = Path(path)
+    if (p / "longtrain_state.json").is_file() or (p / "checkpoints").is_dir():
+        return "checkpoint"
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise EvalLoadError(
+            f"MODEL {path}: a folder without config.json (not an exported HF model) and without "
+            f"longtrain_state.json or checkpoints/ (not a longtrain checkpoint); pass an exported "
+            f"folder (`longtrain export`) or a run / checkpoint folder")
+    return "hf"
+
+
+def _load_checkpoint(path: str):
+    try:
+        from longtrain.export import load_checkpoint_model
+    except ImportError as exc:
+        raise EvalLoadError(
+            f"MODEL {path} is a longtrain training checkpoint; evaluating one needs "
+            f"longtrain.export.load_checkpoint_model, which is not available in this install ({exc}). "
+            f"Export the checkpoint first (`longtrain export`) and evaluate the exported folder") from exc
+    model, tokenizer_path = load_checkpoint_model(path)
+    return model, tokenizer_path
+
+
+def load_eval_model(path: str, name: str | None = None, device: str = "cpu", dtype: str = "fp32",
+                    attn_implementation: str = "sdpa") -> EvalModel:
+    """Load MODEL (exported HF folder, Hub name, longtrain run dir or checkpoint tag folder)."""
+    if dtype not in DTYPES:
+        raise EvalLoadError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    kind = model_kind(path)
+    if kind == "checkpoint":
+        model, tokenizer_path = _load_checkpoint(path)
+        check_rotary_matches_config(model, path)  # before the cast: bf16 would blur the comparison
+        model = model.to(dtype=DTYPES[dtype])
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+        except OSError as exc:
+            raise EvalLoadError(f"MODEL {path}: cannot load it as a HF causal LM ({exc})") from exc
+        tokenizer_path = path
+    model = model.to(device).eval()
+    check_rotary_matches_config(model, path)
+    reset_rotary_embeddings(model)
+    return EvalModel(name or Path(path).name, str(path), kind, model, load_tokenizer(tokenizer_path))
+
+
+def _rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if "inv_freq" in dict(m.named_buffers(recurse=False)) and hasattr(m, "config")]
+
+
+def _fresh_rotary(module: nn.Module, device: torch.device) -> nn.Module:
+    try:
+        fresh = type(module)(config=module.config)
+    except TypeError as exc:
+        raise EvalLoadError(f"cannot rebuild {type(module).__name__} from its config ({exc}); "
+                            f"this architecture's rotary embedding is not supported by eval") from exc
+    # .to(device) moves buffers without casting: inv_freq stays fp32 (DESIGN.md section 3).
+    return fresh.to(device=device)
+
+
+def reset_rotary_embeddings(model: nn.Module) -> int:
+    """Replace every rotary embedding module by a fresh one built from the config (as after
+    ``from_pretrained``). Returns how many were replaced."""
+    found = _rotary_modules(model)
+    for name, module in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, _fresh_rotary(module, module.inv_freq.device))
+    return len(found)
+
+
+def check_rotary_matches_config(model: nn.Module, path: str) -> None:
+    """Refuse a model whose rotary frequencies are not what its config describes: eval rebuilds
+    them from the config, which would silently change such a model."""
+    for name, module in _rotary_modules(model):
+        fresh = _fresh_rotary(module, module.inv_freq.device)
+        rtol = 1e-3 if module.inv_freq.dtype == torch.float32 else 1e-2  # a bf16 copy is ~3 digits
+        if not torch.allclose(module.inv_freq.float(), fresh.inv_freq.float(), rtol=rtol, atol=0):
+            raise EvalLoadError(
+                f"MODEL {path}: {name}.inv_freq differs from what config.rope_parameters "
+                f"({model.config.rope_parameters}) gives; the config must describe the model's RoPE")
+
+
+def rope_settings(config) -> dict:
+    """The RoPE settings as read from the config (transformers 5.x `rope_parameters`)."""
+    params = getattr(config, "rope_parameters", None)
+    params = dict(params) if params else None
+    return json.loads(json.dumps({
+        "rope_parameters": params,
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+    }, default=str))

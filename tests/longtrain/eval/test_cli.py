@@ -1,0 +1,78 @@
+"""`longtrain eval` end to end on HF folders saved with save_pretrained, and its error messages."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longtrain.cli import main as longtrain_main
+
+from .conftest import BOOK_HELDOUT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_two_models_end_to_end(tmp_path, capsys, trained_folder, untrained_folder, book_text):
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(book_text[BOOK_HELDOUT])
+    out = tmp_path / "out"
+    rc = longtrain_main(["eval", str(trained_folder), str(untrained_folder), "--names", "trained", "random",
+                         "--data", str(heldout), "--lengths", "64", "128", "--bucket-size", "16",
+                         "--passkey-lengths", "128", "--passkey-depths", "0", "1", "--passkey-trials", "1",
+                         "--max-tokens", "4000", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in res["models"]] == ["trained", "random"]
+    for m in res["models"]:
+        assert m["rope"]["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+        assert m["rope"]["max_position_embeddings"] == 128
+        for length in (64, 128):
+            p = m["perplexity"][str(length)]
+            buckets = p["buckets"]
+            assert [(b["start"], b["end"]) for b in buckets] == [(s, s + 16) for s in range(0, length, 16)]
+            assert sum(b["tokens"] for b in buckets) == p["tokens"] >= 4000
+            assert p["long_range"]["start"] == length // 4 and p["long_range"]["tokens"] > 0
+        assert set(m["passkey"]["128"]) == {"0", "1"}
+        assert all(0 <= a <= 1 for a in m["passkey"]["128"].values())
+    trained, rand = res["models"]
+    assert trained["perplexity"]["128"]["ppl"] < 0.5 * rand["perplexity"]["128"]["ppl"]
+    for name in ("ppl_by_position.png", "passkey.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    stdout = capsys.readouterr().out
+    assert "| model | length | ppl |" in stdout and "| trained | 128 |" in stdout and "| random | 64 |" in stdout
+    assert (out / "summary.md").read_text().startswith("| model |")
+
+
+def test_errors_name_the_problem(tmp_path, capsys, trained_folder, book_text):
+    short = tmp_path / "short.txt"
+    short.write_text(book_text[:2000])
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    cases = [
+        ([str(not_a_model), "--data", str(short)], "without config.json"),
+        ([str(trained_folder), "--data", str(short), "--lengths", "4096"], "no document has 4096 tokens"),
+        ([str(trained_folder), "--data", str(tmp_path / "nope.txt")], "not found"),
+        ([str(trained_folder), "--data", str(short), "--lengths", "64", "--passkey-lengths", "30"], "cannot hold"),
+        ([str(trained_folder), "--data", str(short), "--names", "a", "b"], "--names: 2 names for 1 models"),
+        ([str(trained_folder), "--data", str(short), "--passkey-depths", "1.5"], "between 0 and 1"),
+    ]
+    for argv, message in cases:
+        rc = longtrain_main(["eval", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
+        assert rc == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_checkpoint_folder_goes_to_export(tmp_path, capsys, book_text):
+    try:
+        from longtrain.export import load_checkpoint_model  # noqa: F401
+        pytest.skip("longtrain.export.load_checkpoint_model exists: checkpoint eval is tested with export")
+    except ImportError:
+        pass
+    tag = tmp_path / "run" / "checkpoints" / "step_00000010"
+    tag.mkdir(parents=True)
+    (tag / "longtrain_state.json").write_text("{}")
+    data = tmp_path / "d.txt"
+    data.write_text("some text")
+    assert longtrain_main(["eval", str(tag), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "longtrain.export.load_checkpoint_model" in capsys.readouterr().err

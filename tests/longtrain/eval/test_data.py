@@ -1,0 +1,60 @@
+"""--data inputs: text files, folders, JSONL, and prepared dataset folders (DESIGN.md section 2)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from longtrain.eval.data import read_data, tokenize_documents
+from longtrain.eval.tokenizer import load_tokenizer
+
+
+def test_text_folder_and_jsonl(tmp_path, stdlib_spm):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("\ufeffFirst document.", encoding="utf-8")  # BOM dropped
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "Second."}\n\n{"text": "Third."}\n')
+    (tmp_path / ".hidden.txt").write_text("ignored")
+    (tmp_path / "notes.bin").write_text("ignored")
+    data = read_data([str(tmp_path)])
+    assert data.texts == ["First document.", "Second.", "Third."]
+    tok = load_tokenizer(stdlib_spm)
+    docs = tokenize_documents(data, tok)
+    assert [d[0] for d in docs] == [tok.bos_id] * 3  # BOS added explicitly
+    assert tok.decode(docs[0][1:]) == "First document."
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: expected a JSON object with a string 'text'"):
+        read_data([str(bad)])
+
+
+def _prepared(folder, rows, seq_len, tokenizer_meta):
+    from datasets import Dataset
+
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps({"format": 1, "seq_len": seq_len, "tokenizer": tokenizer_meta}))
+    Dataset.from_dict({
+        "input_ids": [np.asarray(r[0], np.int32) for r in rows],
+        "doc_lens": [np.asarray(r[1], np.int32) for r in rows],
+        "loss_mask": [np.asarray(r[2], np.uint8) for r in rows],
+    }).save_to_disk(str(folder / "validation"))
+    return folder
+
+
+def test_prepared_dataset_segments_become_pieces(tmp_path, stdlib_spm):
+    tok = load_tokenizer(stdlib_spm)
+    rows = [
+        (list(range(10, 18)), [8], [1] * 8),  # one segment filling the row
+        ([5, 6, 7, 20, 21, 0, 0, 0], [3, 2, 3], [1, 1, 1, 1, 1, 0, 0, 0]),  # two documents + padding
+    ]
+    folder = _prepared(tmp_path / "ds", rows, 8, {"vocab_size": tok.vocab_size, "sha256": tok.sha256})
+    data = read_data([str(folder)])
+    docs = tokenize_documents(data, tok)
+    assert [d.tolist() for d in docs] == [list(range(10, 18)), [5, 6, 7], [20, 21]]
+
+    other = _prepared(tmp_path / "ds2", rows, 8, {"vocab_size": 32000})
+    with pytest.raises(ValueError, match=r"meta.json: tokenizer.vocab_size = 32000"):
+        tokenize_documents(read_data([str(other)]), tok)
