@@ -1,0 +1,35 @@
+"""User-facing errors of data prep: reported as one message and a non-zero exit code, no traceback."""
+from __future__ import annotations
+
+
+class DataPrepError(Exception):
+    """A problem the user can fix (bad option, bad input, missing file).
+
+    The message names what is wrong (file, line, option) and what to do; the CLI prints it
+    without a traceback and exits with status 1.
+    """
+
+
+class BadDocument(DataPrepError):
+    """One input document is unusable. ``--skip-bad`` skips it and counts it under ``reason``."""
+
+    def __init__(self, reason: str, where: str, detail: str, hint: str = ""):
+        self.reason, self.where, self.detail, self.hint = reason, where, detail, hint
+        text = f"{where}: {detail} [{reason}]"
+        if hint:
+            text += f". {hint}"
+        super().__init__(text + ". Or pass --skip-bad to skip such documents (they are counted and reported).")
+
+
+# Reasons a document is skipped, with the hint shown in the error. Kept in one place so the
+# docs, the counters in meta.json and the tests agree on the names.
+REASONS = {
+    "invalid_json": "fix the line (each line must be one JSON object)",
+    "not_an_object": "each JSONL line must be a JSON object such as {\"text\": \"...\"}",
+    "missing_text_field": "choose the field with --text-field",
+    "text_not_string": "the text field must hold a string",
+    "not_utf8": "re-encode the file as UTF-8",
+    "binary_file": "exclude it with a narrower glob (e.g. 'DIR/**/*.py')",
+    "too_large": "raise --max-doc-bytes, or split the document",
+    "empty": "remove empty documents",
+}

@@ -1,0 +1,147 @@
+"""Load a tokenizer (SentencePiece ``.model`` or Hugging Face ``tokenizer.json``) and describe it.
+
+SentencePiece models are read with the ``sentencepiece`` library directly: transformers 5's
+``LlamaTokenizer(vocab_file=...)`` silently ignores the file (DESIGN.md section 3). Hugging Face
+tokenizers are read with the ``tokenizers`` library (imported lazily), so data prep never needs
+transformers. BOS/EOS are never added implicitly: callers say whether they want them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.errors import DataPrepError
+
+_HINT = "pass a SentencePiece .model file, an HF tokenizer.json, or a folder holding one of them"
+
+
+def resolve_tokenizer_file(path: str | Path) -> tuple[Path, str]:
+    """(file, kind) for a tokenizer path. A folder prefers ``tokenizer.json`` (what transformers'
+    fast tokenizers load) over ``tokenizer.model``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataPrepError(f"tokenizer not found: {p}; {_HINT}")
+    if p.is_dir():
+        for name, kind in (("tokenizer.json", "hf"), ("tokenizer.model", "sentencepiece")):
+            if (p / name).is_file():
+                return (p / name).resolve(), kind
+        raise DataPrepError(f"tokenizer folder {p} holds neither tokenizer.json nor tokenizer.model; {_HINT} "
+                            "(an HF tokenizer saved with save_pretrained() writes tokenizer.json)")
+    kind = "hf" if p.suffix == ".json" else "sentencepiece"
+    return p.resolve(), kind
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _special_id(config: dict, key: str, vocab) -> int | None:
+    """Id of a special token named in tokenizer_config.json (a string or {"content": ...})."""
+    token = config.get(key)
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    return vocab(token)
+
+
+class Tokenizer:
+    """A loaded tokenizer with explicit special ids (``None`` when the tokenizer has none)."""
+
+    def __init__(self, path: str | Path):
+        self.file, self.kind = resolve_tokenizer_file(path)
+        self.sha256 = file_sha256(self.file)
+        if self.kind == "sentencepiece":
+            self._load_sentencepiece()
+        else:
+            self._load_hf()
+
+    def _load_sentencepiece(self) -> None:
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.file))
+        except Exception as exc:  # sentencepiece raises RuntimeError/OSError with C++ text
+            raise DataPrepError(f"could not load {self.file} as a SentencePiece model ({exc}); {_HINT}") from None
+        sp = self._sp
+        self.vocab_size = int(sp.vocab_size())
+        ids = (sp.bos_id(), sp.eos_id(), sp.pad_id())
+        self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in ids)
+
+    def _load_hf(self) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._hf = HFTokenizer.from_file(str(self.file))
+        except Exception as exc:
+            raise DataPrepError(f"could not load {self.file} as an HF tokenizer.json ({exc}); {_HINT}") from None
+        self.vocab_size = int(self._hf.get_vocab_size(with_added_tokens=True))
+        config_file = self.file.parent / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        vocab = self._hf.token_to_id
+        self.bos_id = _special_id(config, "bos_token", vocab)
+        self.eos_id = _special_id(config, "eos_token", vocab)
+        self.pad_id = _special_id(config, "pad_token", vocab)
+        self._special = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+
+    def identity(self) -> dict:
+        """What meta.json records; compare with :func:`tokenizer_identity` of another path."""
+        return {"path": str(self.file), "kind": self.kind, "sha256": self.sha256, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+    def encode_batch(self, texts: list[str], add_bos: bool, add_eos: bool) -> list[np.ndarray]:
+        """Token ids (int32 arrays), with BOS/EOS added exactly as asked."""
+        if self.kind == "sentencepiece":
+            return self._sp.encode(texts, add_bos=add_bos, add_eos=add_eos, return_type="numpy")
+        head = [self.bos_id] if add_bos else []
+        tail = [self.eos_id] if add_eos else []
+        # A plain loop: encode_batch's thread pool is slower than this on busy small machines
+        # (DESIGN.md section 3); --num-proc parallelises across processes instead.
+        return [np.array(head + self._hf.encode(t, add_special_tokens=False).ids + tail, dtype=np.int32)
+                for t in texts]
+
+    def is_special(self, token_id: int) -> bool:
+        if self.kind == "sentencepiece":
+            return bool(self._sp.is_control(token_id) or self._sp.is_unknown(token_id))
+        return token_id in self._special
+
+    def piece(self, token_id: int) -> str:
+        if self.kind == "sentencepiece":
+            return self._sp.id_to_piece(token_id)
+        return self._hf.id_to_token(token_id) or f"<{token_id}>"
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``; special tokens appear as their piece (e.g. ``<s>``)."""
+        ids = [int(i) for i in ids]
+        if self.kind == "hf":
+            return self._hf.decode(ids, skip_special_tokens=False)
+        out, run = [], []
+        for i in ids:  # SentencePiece drops control tokens when decoding: show them explicitly
+            if self.is_special(i):
+                out.append(self._sp.decode(run) + self.piece(i))
+                run = []
+            else:
+                run.append(i)
+        out.append(self._sp.decode(run))
+        return "".join(out)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer(path)
+
+
+def tokenizer_identity(path: str | Path) -> dict:
+    """``{"path", "kind", "sha256", "vocab_size", "bos_id", "eos_id", "pad_id"}`` as meta.json records it.
+
+    ``sha256`` is that of the ``.model`` or ``tokenizer.json`` file. Compare two tokenizers by
+    ``sha256`` when their ``kind`` matches; a SentencePiece model and its converted
+    tokenizer.json differ in bytes, so compare ``vocab_size`` and the special ids then.
+    """
+    return Tokenizer(path).identity()
