@@ -25,11 +25,6 @@ from .ulysses import check_ulysses_heads, ulysses_attention
 ATTENTION_NAMES = {"ulysses": "longtrain_ulysses", "ring": "longtrain_ring"}
 
 
-def _no_mask(*args, **kwargs):
-    """Mask function for our attentions: none (the layout is in ``cu_seq_lens_q``)."""
-    return None
-
-
 def _document_layout(kwargs: dict, name: str):
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_len is None:
@@ -40,7 +35,15 @@ def _document_layout(kwargs: dict, name: str):
     return cu, int(max_len)
 
 
-def _check_dropout(dropout: float, name: str) -> None:
+def _check_call(module, attention_mask, dropout: float, kwargs: dict, name: str) -> None:
+    """Refuse what these attentions cannot honour instead of silently computing something else."""
+    if attention_mask is not None:
+        raise ValueError(f"attention '{name}' takes no attention_mask: documents come from cu_seq_lens_q")
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        raise ValueError(f"attention '{name}' is causal only")
+    for key in ("softcap", "s_aux"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"attention '{name}' does not implement {key}")
     if dropout:
         raise ValueError(f"attention '{name}' does not implement attention dropout (got {dropout}); "
                          f"set the model config's attention_dropout to 0")
@@ -48,19 +51,23 @@ def _check_dropout(dropout: float, name: str) -> None:
 
 def _ulysses_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, state, **kwargs):
     """transformers attention signature: query (1, H, L, D), key/value (1, Hkv, L, D) -> ((1, L, H, D), None)."""
-    from longtrain.attention import document_attention  # the single-device kernel (batching/attention owner)
+    from longtrain.attention import document_attention  # the single-device kernel, on the full row
 
-    _check_dropout(dropout, "longtrain_ulysses")
+    _check_call(module, attention_mask, dropout, kwargs, "longtrain_ulysses")
     cu, max_len = _document_layout(kwargs, "longtrain_ulysses")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = ulysses_attention(query, key, value, cu, max_len, state, scale, document_attention)
-    return out, None
+    local = functools.partial(document_attention, sliding_window=kwargs.get("sliding_window"))
+    return ulysses_attention(query, key, value, cu, max_len, state, scale, local), None
 
 
 def _ring_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, state, **kwargs):
     """transformers attention signature: query (1, H, L, D), key/value (1, Hkv, L, D) -> ((1, L, H, D), None)."""
-    _check_dropout(dropout, "longtrain_ring")
-    cu, _ = _document_layout(kwargs, "longtrain_ring")
+    _check_call(module, attention_mask, dropout, kwargs, "longtrain_ring")
+    cu, max_len = _document_layout(kwargs, "longtrain_ring")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < max_len:
+        raise ValueError(f"attention 'longtrain_ring' does not implement sliding windows (window {window} < "
+                         f"longest document {max_len}); use mode 'ulysses' for this model")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return ring_attention(query, key, value, cu, state, scale), None
 
@@ -93,7 +100,9 @@ def parallelize_attention(model, state: ParallelState, mode: str = "ulysses") ->
         state.require_group()
         name = ATTENTION_NAMES[mode]
         impl = _ulysses_hf if mode == "ulysses" else _ring_hf
+        from longtrain.attention import longtrain_mask  # builds no mask, refuses padding masks
+
         AttentionInterface.register(name, functools.partial(impl, state=state))
-        AttentionMaskInterface.register(name, _no_mask)
+        AttentionMaskInterface.register(name, longtrain_mask)
     model.set_attn_implementation(name)
     return name
