@@ -44,6 +44,9 @@ class Encoder:
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self._pool = ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
                                              initargs=(str(tokenizer.file), add_bos, add_eos))
+            # With fork, the executor starts all workers at the first submit: do it now, before the
+            # caller starts threads (progress bar, Arrow) that a fork must not copy mid-operation.
+            self._pool.submit(int).result()
 
     def map(self, batches: Iterable[tuple[object, list[str]]]) -> Iterator[tuple[object, list[np.ndarray]]]:
         if self._pool is None:

@@ -15,10 +15,9 @@ class BadDocument(DataPrepError):
 
     def __init__(self, reason: str, where: str, detail: str, hint: str = ""):
         self.reason, self.where, self.detail, self.hint = reason, where, detail, hint
-        text = f"{where}: {detail} [{reason}]"
-        if hint:
-            text += f". {hint}"
-        super().__init__(text + ". Or pass --skip-bad to skip such documents (they are counted and reported).")
+        todo = f"{hint[:1].upper()}{hint[1:]}, or pass" if hint else "Pass"
+        super().__init__(f"{where}: {detail} [{reason}]. {todo} --skip-bad to skip such documents "
+                         "(they are counted and reported).")
 
 
 # Reasons a document is skipped, with the hint shown in the error. Kept in one place so the

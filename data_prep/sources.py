@@ -4,7 +4,8 @@ Kinds, detected from the path:
 - ``*.jsonl`` / ``*.ndjson`` (optionally ``.gz``): one JSON object per line, text in ``--text-field``;
 - ``*.parquet``: one row per document, text in the ``--text-field`` column;
 - a folder written by ``datasets``' ``save_to_disk`` (it holds ``state.json``): one row per document;
-- any other file: plain text, the whole file is one document;
+- any other file: plain text, the whole file is one document (read as Python's ``open()`` reads
+  text: UTF-8, a byte order mark dropped, ``\r\n`` and ``\r`` line endings turned into ``\n``);
 - a folder, or a path with a glob (``DIR/**/*.py``): every matching file, each read by its own
   kind above; a plain folder means ``DIR/**/*``. Hidden files and folders (name starting with
   ``.``) are left out and counted. Files are read in sorted order, so the output is deterministic.
@@ -221,7 +222,8 @@ def _read_text_file(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
         line = data[: exc.start].count(b"\n") + 1
         yield _bad("not_utf8", f"{where}:{line}", f"invalid UTF-8 byte at byte offset {exc.start}", size)
         return
-    yield _check_text(text, where, size, None, opts)
+    # Line endings as Python's open() reads text (universal newlines), as HF's text loader does.
+    yield _check_text(text.replace("\r\n", "\n").replace("\r", "\n"), where, size, None, opts)
 
 
 def _check_columns(names: list[str], where: str, opts: ReadOptions) -> list[str]:

@@ -30,6 +30,12 @@ def _fmt(n) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
 
+def _by_reason(counts: dict) -> str:
+    """``3 (empty 2, not_utf8 1)``."""
+    total = _fmt(sum(counts.values()))
+    return f"{total} ({', '.join(f'{k} {v:,}' for k, v in counts.items())})" if counts else total
+
+
 def summary_lines(meta: dict) -> list[str]:
     """The end-of-run report (also what ``longtrain inspect`` prints)."""
     c, tok = meta["counts"], meta["tokenizer"]
@@ -38,10 +44,10 @@ def summary_lines(meta: dict) -> list[str]:
              f"tokenizer {tok['path']} ({tok['kind']}, vocab {tok['vocab_size']}, sha256 {tok['sha256'][:12]}...), "
              f"add_bos={meta['add_bos']} add_eos={meta['add_eos']}, padding id {meta['padding']['id']} "
              f"({meta['padding']['source']})",
-             f"documents: {_fmt(c['documents_read'])} read, {_fmt(sum(c['documents_skipped'].values()))} skipped "
-             f"{c['documents_skipped'] or ''}, {_fmt(sum(c['documents_filtered'].values()))} filtered "
-             f"{c['documents_filtered'] or ''}, {_fmt(c['documents_truncated'])} truncated; "
-             f"{_fmt(c['documents_train'])} train, {_fmt(c['documents_validation'])} validation"]
+             f"documents: {_fmt(c['documents_read'])} read, {_by_reason(c['documents_skipped'])} skipped, "
+             f"{_by_reason(c['documents_filtered'])} filtered, {_fmt(c['documents_truncated'])} truncated, "
+             f"{_fmt(c['documents_cut_by_weight'])} cut by weights; {_fmt(c['documents_train'])} train, "
+             f"{_fmt(c['documents_validation'])} validation"]
     for name, s in meta["splits"].items():
         rows_tokens = s["rows"] * meta["seq_len"]
         share = lambda k: f"{100 * s[k] / rows_tokens:.2f}%" if rows_tokens else "-"  # noqa: E731
@@ -54,8 +60,8 @@ def summary_lines(meta: dict) -> list[str]:
         lines.append(f"source {src['path']}: weight {src['weight']} (realized {src['weight_realized']}), "
                      f"{_fmt(src['documents_read'])} documents read, tokens in {_fmt(src['tokens_train_in'])} -> "
                      f"out {_fmt(src['tokens_train_out'])}, validation {_fmt(src['tokens_validation'])}"
-                     + (f", skipped {src['skipped']}" if src["skipped"] else "")
-                     + (f", filtered {src['filtered']}" if src["filtered"] else ""))
+                     + (f", skipped {_by_reason(src['skipped'])}" if src["skipped"] else "")
+                     + (f", filtered {_by_reason(src['filtered'])}" if src["filtered"] else ""))
     return lines + [f"warning: {w}" for w in meta.get("warnings", [])]
 
 

@@ -108,9 +108,12 @@ def train_tokenizer(cfg: TokenizerConfig, log=print) -> dict:
             max_sentence_length=4 * cfg.max_sentence_chars, num_threads=cfg.num_threads,
             minloglevel=2, **SPECIAL_IDS)
     except RuntimeError as exc:
-        hint = "lower --vocab-size, give more text (--max-chars or more inputs)"
-        if cfg.model_type == "unigram":
-            hint += ", or use --model-type bpe"
+        if "smaller than required_chars" in str(exc):  # every character seen needs a piece of its own
+            hint = "raise --vocab-size (the corpus has many distinct characters)"
+        else:  # "Vocabulary size too high": not enough distinct pieces in the sample
+            hint = "lower --vocab-size, or give more text (--max-chars or more inputs)"
+            if cfg.model_type == "unigram":
+                hint += ", or use --model-type bpe"
         raise DataPrepError(f"SentencePiece training failed: {exc}; {hint}") from None
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tokenizer.model.partial-{os.getpid()}"
