@@ -101,6 +101,13 @@ def check_digits(tokenizer: EvalTokenizer) -> None:
                          f"{decoded!r}): passkey retrieval needs them; pass --passkey-trials 0")
 
 
+def check_passkey_setup(tokenizer: EvalTokenizer, lengths, max_new_tokens: int) -> None:
+    """Fail before any long computation if the tokenizer or the shortest length cannot work."""
+    check_digits(tokenizer)
+    for length in lengths:
+        build_prompt(tokenizer, np.zeros(1, dtype=np.int64), length - max_new_tokens, 0.5, "12345")
+
+
 def evaluate_passkey(model: nn.Module, tokenizer: EvalTokenizer, filler: np.ndarray, length: int,
                      depths=DEFAULT_DEPTHS, trials: int = 5, seed: int = 0, max_new_tokens: int = 8,
                      before_each=None, progress: bool = True, desc: str = "") -> list[dict]:

@@ -88,7 +88,9 @@ def check_chunked_loss(model: nn.Module, vocab_size: int, n: int = 16) -> None:
         ours = token_nll(model, ids)
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (1, n, V): tiny
         ref = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
-    if not torch.allclose(ours[0], ref, rtol=1e-3, atol=1e-3):
+    # bf16 / fp16 matmuls of different shapes round differently: a looser bound there
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not torch.allclose(ours[0], ref, rtol=tol, atol=tol):
         raise ValueError(f"{type(model).__name__}: its logits are not lm_head(hidden states); "
                          f"eval's chunked loss does not support this architecture")
 

@@ -11,7 +11,7 @@ import torch
 import longtrain
 from longtrain.eval.data import EvalData, filler_tokens, read_data, tokenize_documents
 from longtrain.eval.loading import EvalModel, load_eval_model, reset_rotary_embeddings, rope_settings
-from longtrain.eval.passkey import DEFAULT_DEPTHS, evaluate_passkey
+from longtrain.eval.passkey import DEFAULT_DEPTHS, check_passkey_setup, evaluate_passkey
 from longtrain.eval.perplexity import check_chunked_loss, perplexity_at_length
 from longtrain.eval.plots import plot_passkey, plot_ppl_by_position
 from longtrain.eval.report import markdown_table, write_results
@@ -82,6 +82,14 @@ def evaluate_model(model: EvalModel, data: EvalData, cfg: EvalConfig, filler_dat
     check_chunked_loss(model.model, model.tokenizer.vocab_size)
     docs = tokenize_documents(data, model.tokenizer)
     lengths = _lengths_for(model, cfg)
+    longest = max((len(d) for d in docs), default=0)
+    too_long = [L for L in lengths if L > longest]
+    if too_long:  # say so before hours of evaluation at the other lengths
+        raise ValueError(f"--lengths {too_long}: no document has that many tokens with {model.name}'s "
+                         f"tokenizer (longest: {longest}); use shorter lengths or longer documents")
+    passkey_lengths = cfg.passkey_lengths or lengths
+    if cfg.passkey_trials:
+        check_passkey_setup(model.tokenizer, passkey_lengths, cfg.passkey_max_new_tokens)
     entry = {"name": model.name, "path": model.path, "kind": model.kind,
              "rope": rope_settings(model.model.config), "tokenizer": model.tokenizer.describe(),
              "parameters": sum(p.numel() for p in model.model.parameters()), "perplexity": {}}
@@ -95,7 +103,7 @@ def evaluate_model(model: EvalModel, data: EvalData, cfg: EvalConfig, filler_dat
         filler_docs = docs if filler_data is None else tokenize_documents(filler_data, model.tokenizer)
         filler = filler_tokens(filler_docs, model.tokenizer)
         cells = []
-        for length in cfg.passkey_lengths or lengths:
+        for length in passkey_lengths:
             cells += evaluate_passkey(
                 model.model, model.tokenizer, filler, length, cfg.passkey_depths, cfg.passkey_trials,
                 cfg.seed, cfg.passkey_max_new_tokens, before_each=lambda: reset_rotary_embeddings(model.model),

@@ -51,7 +51,7 @@ def test_errors_name_the_problem(tmp_path, capsys, trained_folder, book_text):
     not_a_model.mkdir()
     cases = [
         ([str(not_a_model), "--data", str(short)], "without config.json"),
-        ([str(trained_folder), "--data", str(short), "--lengths", "4096"], "no document has 4096 tokens"),
+        ([str(trained_folder), "--data", str(short), "--lengths", "4096"], "--lengths [4096]: no document has that many tokens"),
         ([str(trained_folder), "--data", str(tmp_path / "nope.txt")], "not found"),
         ([str(trained_folder), "--data", str(short), "--lengths", "64", "--passkey-lengths", "30"], "cannot hold"),
         ([str(trained_folder), "--data", str(short), "--names", "a", "b"], "--names: 2 names for 1 models"),

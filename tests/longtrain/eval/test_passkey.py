@@ -40,8 +40,10 @@ def test_needle_lands_at_the_requested_depth(tok, filler, prompt_len, depth):
     assert abs(p.needle_start / prompt_len - depth) <= overhead / prompt_len
     assert "40712" in tok.decode(p.ids[p.needle_start:p.needle_start + p.needle_len])
     # the haystack is the real text stream from the offset, split around the needle
-    hay = p.ids[p.filler_start:p.needle_start] + p.ids[p.needle_start + p.needle_len:][:p.filler_len - (p.needle_start - p.filler_start)]
-    assert hay == filler[1234:1234 + p.filler_len].tolist()
+    before = p.ids[p.filler_start:p.needle_start]
+    after_start = p.needle_start + p.needle_len
+    after = p.ids[after_start:after_start + p.filler_len - len(before)]
+    assert before + after == filler[1234:1234 + p.filler_len].tolist()
 
 
 def test_prompt_too_short_is_a_clear_error(tok, filler):

@@ -1,0 +1,55 @@
+"""Tokenizer backends and the RoPE-vs-config check of model loading."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longtrain.eval.loading import EvalLoadError, check_rotary_matches_config, rope_settings
+from longtrain.eval.tokenizer import load_tokenizer
+
+from .conftest import stdlib_text, tiny_llama
+
+
+def _hf_tokenizer_folder(folder, bos: str | None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [bos] if bos else []
+    tok.train_from_iterator(stdlib_text(50_000).splitlines(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("bos", ["<s>", None])
+def test_transformers_tokenizer_backend(tmp_path, bos):
+    tok = load_tokenizer(_hf_tokenizer_folder(tmp_path, bos))
+    assert tok.backend == "transformers"
+    text = "The pass key is 40712. Remember it."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    if bos:
+        assert tok.bos_id is not None and tok.bos_id not in ids  # never added implicitly
+    else:
+        assert tok.bos_id is None  # e.g. Qwen2: no BOS to add
+
+
+def test_sentencepiece_backend(stdlib_spm):
+    tok = load_tokenizer(stdlib_spm)  # a tokenizer.model file given directly
+    assert tok.backend == "sentencepiece" and tok.bos_id == 1 and len(tok.sha256) == 64
+    assert tok.decode(tok.encode("def f(x): return 40712")) == "def f(x): return 40712"
+
+
+def test_rotary_that_differs_from_config_is_refused():
+    model = tiny_llama(300, rope={"rope_type": "default", "rope_theta": 500000.0})
+    check_rotary_matches_config(model, "ok")  # as built from its config
+    assert rope_settings(model.config) == {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "max_position_embeddings": 128}
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq * 0.5  # a base change applied without updating the config
+    with pytest.raises(EvalLoadError, match="inv_freq differs from what config.rope_parameters"):
+        check_rotary_matches_config(model, "changed")
+    assert rotary.inv_freq.dtype == torch.float32
