@@ -7,7 +7,9 @@ and each segment is used as an independent document piece; segments are never re
 the dataset does not record which segments of neighbouring rows belong to the same document (rows
 may be shuffled), and joining two documents would fake long-range context. Segments whose
 ``loss_mask`` is all zero (padding) are dropped. So a row whose single segment fills it gives one
-piece of ``seq_len`` tokens, which is what long-context evaluation at ``seq_len`` needs.
+piece of ``seq_len`` tokens, which is what long-context evaluation at ``seq_len`` needs. Every
+position of a piece is scored (``loss_mask`` is a training notion): with the slide-window strategy,
+overlapping windows therefore score the repeated text again.
 """
 from __future__ import annotations
 
@@ -115,10 +117,13 @@ def read_data(paths: list[str]) -> EvalData:
 
 def _check_dataset_tokenizer(data: EvalData, tokenizer: EvalTokenizer) -> None:
     """A prepared dataset must have been tokenized with the model's tokenizer (meta.json identity)."""
-    ident = (data.meta or {}).get("tokenizer") or {}
-    checks = [("vocab_size", tokenizer.vocab_size), ("sha256", tokenizer.sha256)]
+    ident = (data.meta or {}).get("tokenizer")
+    ident = ident if isinstance(ident, dict) else {}
+    checks = [("vocab_size", tokenizer.vocab_size), ("bos_id", tokenizer.bos_id)]
+    if ident.get("kind") == tokenizer.kind:  # a .model and its converted tokenizer.json differ in bytes
+        checks.append(("sha256", tokenizer.sha256))
     for key, ours in checks:
-        theirs = ident.get(key) if isinstance(ident, dict) else None
+        theirs = ident.get(key)
         if theirs is not None and ours is not None and theirs != ours:
             raise ValueError(
                 f"{data.meta_path}: tokenizer.{key} = {theirs!r} but the model's tokenizer "

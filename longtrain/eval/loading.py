@@ -72,6 +72,8 @@ def load_eval_model(path: str, name: str | None = None, device: str = "cpu", dty
         model, tokenizer_path = _load_checkpoint(path)
         check_rotary_matches_config(model, path)  # before the cast: bf16 would blur the comparison
         model = model.to(dtype=DTYPES[dtype])
+        # a training model may carry longtrain's packed-row attention; eval feeds plain rows
+        model.set_attn_implementation(attn_implementation)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -23,7 +23,12 @@ class EvalTokenizer:
         self.path = path
         self.backend = backend  # "sentencepiece" | "transformers"
         self._impl = impl
-        self.sha256 = sha256  # of tokenizer.model, when that is the file used
+        self.sha256 = sha256  # of tokenizer.model or tokenizer.json, the file data prep hashes too
+
+    @property
+    def kind(self) -> str:
+        """As data prep's meta.json names it: "sentencepiece" or "hf"."""
+        return "sentencepiece" if self.backend == "sentencepiece" else "hf"
 
     @property
     def bos_id(self) -> int | None:
@@ -81,4 +86,5 @@ def load_tokenizer(path: str | Path) -> EvalTokenizer:
             f"tokenizer {path}: no {SPM_FILE} there and AutoTokenizer cannot load it ({exc}); "
             f"put the tokenizer files (tokenizer.model or tokenizer.json) in the model folder"
         ) from exc
-    return EvalTokenizer(str(path), "transformers", tok)
+    tok_json = Path(path) / "tokenizer.json"
+    return EvalTokenizer(str(path), "transformers", tok, _sha256(tok_json) if tok_json.is_file() else None)

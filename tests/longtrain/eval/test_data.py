@@ -50,7 +50,8 @@ def test_prepared_dataset_segments_become_pieces(tmp_path, stdlib_spm):
         (list(range(10, 18)), [8], [1] * 8),  # one segment filling the row
         ([5, 6, 7, 20, 21, 0, 0, 0], [3, 2, 3], [1, 1, 1, 1, 1, 0, 0, 0]),  # two documents + padding
     ]
-    folder = _prepared(tmp_path / "ds", rows, 8, {"vocab_size": tok.vocab_size, "sha256": tok.sha256})
+    ident = {"kind": "sentencepiece", "vocab_size": tok.vocab_size, "sha256": tok.sha256, "bos_id": 1}
+    folder = _prepared(tmp_path / "ds", rows, 8, ident)
     data = read_data([str(folder)])
     docs = tokenize_documents(data, tok)
     assert [d.tolist() for d in docs] == [list(range(10, 18)), [5, 6, 7], [20, 21]]
@@ -58,3 +59,31 @@ def test_prepared_dataset_segments_become_pieces(tmp_path, stdlib_spm):
     other = _prepared(tmp_path / "ds2", rows, 8, {"vocab_size": 32000})
     with pytest.raises(ValueError, match=r"meta.json: tokenizer.vocab_size = 32000"):
         tokenize_documents(read_data([str(other)]), tok)
+
+
+def test_dataset_from_longtrain_prepare(tmp_path, trained_folder, stdlib_spm, book_text):
+    """The real data-prep output: slide-window rows of seq_len evaluate at seq_len."""
+    from longtrain.cli import main as longtrain_main
+    from longtrain.eval.loading import load_eval_model
+    from longtrain.eval.perplexity import perplexity_at_length
+
+    docs = tmp_path / "docs.jsonl"
+    text = book_text[300_000:460_000]
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": text[i * 20000:(i + 1) * 20000]}) + "\n"
+                            for i in range(8)))
+    ds = tmp_path / "ds"
+    assert longtrain_main(["prepare", "--input", str(docs), "--tokenizer", str(trained_folder / "tokenizer.model"),
+                           "--seq-len", "128", "--strategy", "slide-window", "--val-fraction", "0.5",
+                           "--out", str(ds), "--no-plot", "--no-progress"]) == 0
+    model = load_eval_model(str(trained_folder))
+    pieces = tokenize_documents(read_data([str(ds)]), model.tokenizer)
+    assert len(pieces) > 100 and {len(p) for p in pieces} == {128}
+    res = perplexity_at_length(model.model, pieces, 128, progress=False)
+    assert res["windows"] == len(pieces) and res["tokens"] == 127 * len(pieces)
+    raw = tokenize_documents(read_data([str(docs)]), model.tokenizer)
+    ref = perplexity_at_length(model.model, raw, 128, progress=False)
+    assert abs(res["ppl"] / ref["ppl"] - 1) < 0.2, (res["ppl"], ref["ppl"])  # same text, same model
+
+    other = load_tokenizer(stdlib_spm)
+    with pytest.raises(ValueError, match=r"meta.json: tokenizer.sha256 = "):
+        tokenize_documents(read_data([str(ds)]), other)
