@@ -1,4 +1,4 @@
-"""Held-out documents for evaluation: text files, folders, JSONL, or a prepared dataset folder.
+"""Held-out documents for evaluation: text files, folders, globs, JSONL, or a prepared dataset folder.
 
 Text inputs are kept as raw documents and tokenized with each model's own tokenizer (BOS added
 explicitly where the tokenizer has one). A prepared dataset (DESIGN.md section 2) is already
@@ -14,6 +14,7 @@ overlapping windows therefore score the repeated text again.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 from pathlib import Path
@@ -24,7 +25,6 @@ from longtrain.eval.tokenizer import EvalTokenizer
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".jsonl"}
 
 
 @dataclasses.dataclass
@@ -58,20 +58,42 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
-def _read_text_file(path: Path) -> list[str]:
+def _read_text_file(path: Path, strict: bool = True) -> list[str]:
+    """One document per file (``.jsonl``: one per line). With ``strict=False`` (files found in a
+    folder or by a glob) a binary or non-UTF-8 file is skipped instead of being an error."""
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
-    text = path.read_text(encoding="utf-8-sig")  # -sig: some Gutenberg files start with a BOM
+    raw = path.read_bytes()
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw[:1], 0, 1, "NUL byte: binary file")
+        text = raw.decode("utf-8-sig")  # -sig: some Gutenberg files start with a BOM
+    except UnicodeDecodeError as exc:
+        if strict:
+            raise ValueError(f"--data {path}: not UTF-8 text ({exc.reason})") from exc
+        log.info("skipping %s: not UTF-8 text", path)
+        return []
     return [text] if text.strip() else []
 
 
-def _text_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and p.suffix in TEXT_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _expand(arg: str) -> tuple[list[Path], bool]:
+    """Files of one --data argument: a file, a folder (every non-hidden file below it) or a quoted
+    glob such as 'src/**/*.py'. The flag says whether they were named explicitly."""
+    if any(c in arg for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+        if not files:
+            raise ValueError(f"--data {arg}: the pattern matches no file")
+        return files, False
+    path = Path(arg)
+    if not path.exists():
+        raise ValueError(f"--data: not found: {arg}")
+    if path.is_file():
+        return [path], True
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise ValueError(f"--data {folder}: no {sorted(TEXT_SUFFIXES)} files in this folder")
-    return files
+        raise ValueError(f"--data {path}: no file in this folder")
+    return files, False
 
 
 def _read_prepared(folder: Path) -> EvalData:
@@ -95,21 +117,21 @@ def _read_prepared(folder: Path) -> EvalData:
 
 
 def read_data(paths: list[str]) -> EvalData:
-    """Read ``--data``: one prepared dataset folder, or any mix of text files, JSONL and folders."""
+    """Read ``--data``: one prepared dataset folder, or any mix of text files, JSONL, folders and globs."""
     if not paths:
         raise ValueError("--data: give at least one file or folder")
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise ValueError(f"--data: not found: {', '.join(missing)}")
     prepared = [p for p in paths if (Path(p) / "meta.json").is_file()]
     if prepared:
         if len(paths) != 1:
             raise ValueError("--data: a prepared dataset folder (with meta.json) must be the only --data input")
         return _read_prepared(Path(prepared[0]))
-    files = []
-    for p in map(Path, paths):
-        files.extend(_text_files(p) if p.is_dir() else [p])
-    texts = [t for f in files for t in _read_text_file(f)]
+    files, texts = [], []
+    for arg in paths:
+        found, explicit = _expand(arg)
+        for f in found:
+            docs = _read_text_file(f, strict=explicit)
+            files += [f] if docs else []
+            texts += docs
     if not texts:
         raise ValueError(f"--data {' '.join(paths)}: no non-empty document found")
     return EvalData([str(f) for f in files], texts=texts)

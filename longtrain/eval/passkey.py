@@ -89,7 +89,7 @@ def greedy_decode(model: nn.Module, ids: list[int], max_new_tokens: int, tokeniz
         text = tokenizer.decode(generated)
         if len(generated) >= max_new_tokens or re.search(r"\d\D", text):
             return text
-        # `cache` (transformers >= 5.2x; `past_key_values` is deprecated there)
+        # transformers 5.24 names the KV cache `cache` (`past_key_values` is deprecated)
         out = model(input_ids=nxt[:, None], cache=out.cache, use_cache=True, logits_to_keep=1)
 
 

@@ -30,6 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits computed at once
+
+
 @dataclasses.dataclass(frozen=True)
 class Window:
     doc: int  # document index
@@ -145,7 +148,7 @@ def limit_windows(windows: list[Window], length: int, max_tokens: int | None) ->
 def perplexity_at_length(model: nn.Module, docs: list[np.ndarray], length: int, *,
                          stride: int | None = None, bucket_size: int | None = None,
                          max_tokens: int | None = None, batch_tokens: int = 8192,
-                         chunk_rows: int = 1024, progress: bool = True, desc: str = "") -> dict:
+                         chunk_rows: int | None = None, progress: bool = True, desc: str = "") -> dict:
     """Perplexity of ``model`` on ``docs`` at context ``length``: overall, long-range ([L/4, L),
     DESIGN.md 3b trap a: the first positions are context-starved) and per position bucket."""
     windows = [w for i, d in enumerate(docs) for w in plan_windows(len(d), length, stride, doc=i)]
@@ -158,6 +161,8 @@ def perplexity_at_length(model: nn.Module, docs: list[np.ndarray], length: int, 
     device = next(model.parameters()).device
     stats, start = PositionStats.zeros(length), time.perf_counter()
     batch_size = max(1, batch_tokens // length)
+    # fp32 logits of one chunk within LOGITS_BUDGET: 2048 positions at vocab 32k, 441 at 152k
+    chunk_rows = chunk_rows or max(64, LOGITS_BUDGET // (4 * model.config.vocab_size))
     bar = tqdm(total=len(windows), desc=desc or f"ppl@{length}", unit="win", disable=not progress)
     for batch in _batches(windows, batch_size):
         ids = np.stack([docs[w.doc][w.begin:w.begin + length] for w in batch])  # (B, L)

@@ -14,13 +14,17 @@ def test_text_folder_and_jsonl(tmp_path, stdlib_spm):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("\ufeffFirst document.", encoding="utf-8")  # BOM dropped
     (tmp_path / "sub" / "b.jsonl").write_text('{"text": "Second."}\n\n{"text": "Third."}\n')
+    (tmp_path / "sub" / "c.py").write_text("x = 1\n")
     (tmp_path / ".hidden.txt").write_text("ignored")
-    (tmp_path / "notes.bin").write_text("ignored")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\xff")  # binary: skipped inside a folder
     data = read_data([str(tmp_path)])
-    assert data.texts == ["First document.", "Second.", "Third."]
+    assert data.texts == ["First document.", "Second.", "Third.", "x = 1\n"]
+    assert read_data([str(tmp_path / "**" / "*.py")]).texts == ["x = 1\n"]
+    with pytest.raises(ValueError, match="blob.bin: not UTF-8 text"):  # named explicitly: an error
+        read_data([str(tmp_path / "blob.bin")])
     tok = load_tokenizer(stdlib_spm)
     docs = tokenize_documents(data, tok)
-    assert [d[0] for d in docs] == [tok.bos_id] * 3  # BOS added explicitly
+    assert [d[0] for d in docs] == [tok.bos_id] * 4  # BOS added explicitly
     assert tok.decode(docs[0][1:]) == "First document."
 
 
