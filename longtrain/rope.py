@@ -45,7 +45,8 @@ def _number(rope: dict, key: str, *, minimum: float, strict: bool = False) -> fl
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     if bad or value < minimum or (strict and value == minimum):
         bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"rope.{key} must be a number {bound}, got {value!r} (in {rope})")
+        hint = " (YAML reads 1e6 as a string: write 1.0e6 or 1000000)" if isinstance(value, str) else ""
+        raise ValueError(f"rope.{key} must be a number {bound}, got {value!r} (in {rope}){hint}")
     return float(value)
 
 
@@ -140,10 +141,15 @@ def apply_rope(model: nn.Module, rope_params: dict[str, Any], max_position_embed
     rope_type = rope_params.get("rope_type")
     if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_params['rope_type']={rope_type!r}; valid: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    if rope_type in ("yarn", "llama3") and "original_max_position_embeddings" not in rope_params:
+        # transformers would fill it from max_position_embeddings, i.e. the *new* length: scaling by nothing.
+        raise ValueError(f"rope_params for {rope_type} need original_max_position_embeddings (the pretraining "
+                         "length); build them with rope_parameters(...)")
     rotaries = _rotary_modules(model)
-    _validate_on_copy(model.config, rope_params, max_position_embeddings)
-    configs = {id(model.config): model.config}
-    configs.update({id(m.config): m.config for m in rotaries})
+    configs = {id(m.config): m.config for m in rotaries}
+    if getattr(model, "config", None) is not None:  # the HF model's own config (same object in Llama/Qwen2/Mistral)
+        configs[id(model.config)] = model.config
+    _validate_on_copy(next(iter(configs.values())), rope_params, max_position_embeddings)
     for config in configs.values():
         # Never `config.rope_theta` (DESIGN.md section 3): 5.x reads only rope_parameters.
         config.rope_parameters = dict(rope_params)

@@ -152,7 +152,7 @@ def test_conversion_to_transformers_form():
     ({"type": "yarn", "theta": 1e4, "factor": 2, "beta": 3}, r"unexpected key\(s\) \['beta'\]; keys for yarn: "
                                                              r"attention_factor, beta_fast, beta_slow, factor"),
     ({"type": "default", "theta": -5}, r"rope.theta must be a number > 0"),
-    ({"type": "default", "theta": "1e6"}, r"rope.theta must be a number > 0, got '1e6'"),
+    ({"type": "default", "theta": "1e6"}, r"rope.theta must be a number > 0, got '1e6'.*write 1.0e6 or 1000000"),
     ({"type": "linear", "theta": 1e4, "factor": 0.5}, r"rope.factor must be a number >= 1.0"),
     ({"type": "llama3", "theta": 1e4, "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1},
      r"high_freq_factor must be > rope.low_freq_factor"),
@@ -165,6 +165,15 @@ def test_bad_config_is_a_clear_error(rope, match):
         rope_parameters(rope, original_max_position_embeddings=4096)
 
 
+def test_apply_through_a_wrapper_module():
+    """The trainer's DeepSpeed module wraps the HF model (no .config of its own): the rotary module is found."""
+    model = _build("mistral")
+    wrapper = torch.nn.ModuleDict({"hf_model": model})
+    apply_rope(wrapper, rope_parameters({"type": "default", "theta": 1e6}, original_max_position_embeddings=64), 128)
+    assert model.config.rope_parameters["rope_theta"] == 1e6 and model.config.max_position_embeddings == 128
+    assert "rope_theta=1000000.0" in describe_rope(wrapper)
+
+
 def test_apply_rejects_bad_arguments():
     model = _build("llama")
     with pytest.raises(ValueError, match="max_position_embeddings must be a positive int"):
@@ -173,6 +182,9 @@ def test_apply_rejects_bad_arguments():
         apply_rope(model, {"rope_type": "ntk", "rope_theta": 1e4}, 64)
     with pytest.raises(ValueError, match="invalid rope_params .*factor"):  # transformers' own validation
         apply_rope(model, {"rope_type": "linear", "rope_theta": 1e4}, 64)
+    with pytest.raises(ValueError, match="need original_max_position_embeddings"):  # transformers' silent default
+        apply_rope(model, {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, 256)
+    assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}  # left untouched
     with pytest.raises(ValueError, match="has no rotary embedding module"):
         apply_rope(torch.nn.Linear(2, 2), {"rope_type": "default", "rope_theta": 1e4}, 64)
 
