@@ -117,9 +117,11 @@ class PositionStats:
     def range(self, start: int, end: int) -> dict:
         """Token-weighted perplexity of positions [start, end): exp(sum NLL / tokens)."""
         tokens = int(self.count[start:end].sum())
-        nll = float(self.nll_sum[start:end].sum())
-        return {"start": start, "end": end, "ppl": math.exp(nll / tokens) if tokens else None,
-                "nll": nll / tokens if tokens else None, "tokens": tokens}
+        mean = float(self.nll_sum[start:end].sum()) / tokens if tokens else None
+        if mean is not None and not math.isfinite(mean):
+            mean = None  # a broken model (NaN weights): JSON has no NaN, report null
+        ppl = math.exp(min(mean, 700.0)) if mean is not None else None  # exp(710) overflows
+        return {"start": start, "end": end, "ppl": ppl, "nll": mean, "tokens": tokens}
 
     def buckets(self, size: int) -> list[dict]:
         length = len(self.count)

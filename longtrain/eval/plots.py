@@ -32,7 +32,7 @@ def plot_ppl_by_position(results: dict, path: str | Path) -> Path | None:
             pts = [((b["start"] + b["end"]) / 2, b["ppl"]) for b in entry["buckets"] if b["ppl"]]
             color = f"C{i % 10}"
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, color=color,
-                    label=f"{m['name']} ({entry['ppl']:.2f})")
+                    label=f"{m['name']} ({entry['ppl'] or float('nan'):.2f})")
             trained = (m.get("rope") or {}).get("max_position_embeddings")
             if trained and trained < length:
                 ax.axvline(trained, color=color, ls=":", lw=1)
