@@ -35,7 +35,15 @@ _SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"theta", "factor", "low_freq_factor", "high_freq_factor"}),
         frozenset({"original_max_position_embeddings"}),
     ),
+    # LongRoPE (Phi-3): per-frequency rescale factors, head_dim // 2 each; transformers uses the short set
+    # up to original_max_position_embeddings and the long set beyond (switched in every forward).
+    "longrope": (
+        frozenset({"theta", "short_factor", "long_factor"}),
+        frozenset({"factor", "attention_factor", "original_max_position_embeddings"}),
+    ),
 }
+_LIST_KEYS = frozenset({"short_factor", "long_factor"})
+_NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")  # transformers reads original_max_position_embeddings
 ROPE_TYPES = tuple(_SCHEMA)
 _INT_KEYS = frozenset({"original_max_position_embeddings"})
 
@@ -56,8 +64,10 @@ def rope_parameters(rope: dict, *, original_max_position_embeddings: int) -> dic
     ``rope``: ``{"type": "default", "theta": 1e6}``, ``{"type": "linear", "factor": 4, "theta": ...}``,
     ``dynamic`` (factor), ``yarn`` (factor; optional beta_fast, beta_slow, attention_factor,
     original_max_position_embeddings), ``llama3`` (factor, low_freq_factor, high_freq_factor; optional
-    original_max_position_embeddings). ``original_max_position_embeddings``: the length the model was
-    pretrained at; yarn and llama3 scale relative to it. We always set it explicitly because
+    original_max_position_embeddings), ``longrope`` (short_factor, long_factor; optional factor,
+    attention_factor, original_max_position_embeddings); every type also needs ``theta``.
+    ``original_max_position_embeddings``: the length the model was pretrained at; yarn, llama3 and
+    longrope scale relative to it. We always set it explicitly because
     transformers otherwise fills it from ``max_position_embeddings``, which the schedule enlarges.
     """
     if not isinstance(rope, dict):
@@ -82,6 +92,13 @@ def rope_parameters(rope: dict, *, original_max_position_embeddings: int) -> dic
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"rope.{key} must be a positive integer, got {value!r}")
             out[key] = value
+        elif key in _LIST_KEYS:
+            value = rope[key]
+            if not isinstance(value, (list, tuple)) or not value or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value):
+                raise ValueError(f"rope.{key} must be a non-empty list of positive numbers (head_dim // 2 of "
+                                 f"them), got {value!r}")
+            out[key] = [float(x) for x in value]
         elif key == "factor":
             out[key] = _number(rope, key, minimum=1.0)
         else:
@@ -90,7 +107,7 @@ def rope_parameters(rope: dict, *, original_max_position_embeddings: int) -> dic
         raise ValueError(f"rope.high_freq_factor must be > rope.low_freq_factor, got {rope}")
     if rope_type == "yarn" and out.get("beta_fast", 32.0) <= out.get("beta_slow", 1.0):
         raise ValueError(f"rope.beta_fast must be > rope.beta_slow (defaults 32 and 1), got {rope}")
-    if rope_type in ("yarn", "llama3"):
+    if rope_type in _NEEDS_ORIGINAL:
         if isinstance(original_max_position_embeddings, bool) or not isinstance(original_max_position_embeddings, int) \
                 or original_max_position_embeddings <= 0:
             raise ValueError(f"original_max_position_embeddings must be a positive int, got "
@@ -123,6 +140,16 @@ def _validate_on_copy(config, rope_params: dict[str, Any], max_position_embeddin
         raise ValueError(f"invalid rope_params {rope_params}: {err}") from err
 
 
+def _check_longrope_lengths(config, rope_params: dict[str, Any]) -> None:
+    """transformers only warns on a wrong length and then fails deep inside with a broadcast error."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    half = int(head_dim * rope_params.get("partial_rotary_factor", 1.0)) // 2
+    for key in _LIST_KEYS:
+        if len(rope_params[key]) != half:
+            raise ValueError(f"rope.{key} has {len(rope_params[key])} factors but this model needs {half} "
+                             f"(head_dim {head_dim} // 2)")
+
+
 def apply_rope(model: nn.Module, rope_params: dict[str, Any], max_position_embeddings: int) -> None:
     """Set ``rope_params`` (from :func:`rope_parameters`) on ``model`` in place and recompute its frequencies.
 
@@ -141,7 +168,7 @@ def apply_rope(model: nn.Module, rope_params: dict[str, Any], max_position_embed
     rope_type = rope_params.get("rope_type")
     if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_params['rope_type']={rope_type!r}; valid: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-    if rope_type in ("yarn", "llama3") and "original_max_position_embeddings" not in rope_params:
+    if rope_type in _NEEDS_ORIGINAL and "original_max_position_embeddings" not in rope_params:
         # transformers would fill it from max_position_embeddings, i.e. the *new* length: scaling by nothing.
         raise ValueError(f"rope_params for {rope_type} need original_max_position_embeddings (the pretraining "
                          "length); build them with rope_parameters(...)")
@@ -150,6 +177,8 @@ def apply_rope(model: nn.Module, rope_params: dict[str, Any], max_position_embed
     if getattr(model, "config", None) is not None:  # the HF model's own config (same object in Llama/Qwen2/Mistral)
         configs[id(model.config)] = model.config
     _validate_on_copy(next(iter(configs.values())), rope_params, max_position_embeddings)
+    if rope_type == "longrope":
+        _check_longrope_lengths(next(iter(configs.values())), rope_params)
     for config in configs.values():
         # Never `config.rope_theta` (DESIGN.md section 3): 5.x reads only rope_parameters.
         config.rope_parameters = dict(rope_params)
@@ -171,13 +200,16 @@ def apply_rope(model: nn.Module, rope_params: dict[str, Any], max_position_embed
         # Mirrors the constructor; this also resets dynamic NTK's enlarged state.
         module.max_seq_len_cached = max_position_embeddings
         module.original_max_seq_len = max_position_embeddings
+        if hasattr(module, "long_inv_freq"):  # LongRoPE's cached long set (a plain attribute): now stale
+            delattr(module, "long_inv_freq")
 
 
 def describe_rope(model: nn.Module) -> str:
     """One line for logs: the RoPE setting and frequencies the model actually holds."""
     module = _rotary_modules(model)[0]
     inv = module.inv_freq
-    params = ", ".join(f"{k}={v}" for k, v in module.config.rope_parameters.items() if k != "rope_type")
+    params = ", ".join(f"{k}={f'[{len(v)} factors]' if isinstance(v, (list, tuple)) else v}"
+                       for k, v in module.config.rope_parameters.items() if k != "rope_type")
     return (f"rope {module.rope_type} ({params}), max_position_embeddings={module.config.max_position_embeddings}, "
             f"attention_scaling={module.attention_scaling:.4f}, inv_freq {str(inv.dtype).replace('torch.', '')} "
             f"[{inv.max().item():.3g} .. {inv.min().item():.3g}], longest period {2 * math.pi / inv.min().item():.4g}")

@@ -33,6 +33,10 @@ SCHEDULE = [
     ({"type": "linear", "theta": 10000.0, "factor": 4.0}, 256),
     ({"type": "dynamic", "theta": 10000.0, "factor": 4.0}, ORIG_LEN),
     ({"type": "llama3", "theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 512),
+    ({"type": "longrope", "theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [1.0, 1.2, 1.5, 2, 2.5, 3, 4, 4],
+      "factor": 4.0}, 256),
+    # a second LongRoPE stage: transformers caches the long set in a plain attribute, which must not go stale
+    ({"type": "longrope", "theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}, 256),
     ({"type": "yarn", "theta": 1e6, "factor": 2.0, "attention_factor": 1.3, "original_max_position_embeddings": 32},
      64),
 ]
@@ -140,7 +144,7 @@ def test_conversion_to_transformers_form():
     yarn = rope_parameters({"type": "yarn", "theta": 1e4, "factor": 4, "original_max_position_embeddings": 2048},
                            original_max_position_embeddings=4096)
     assert yarn["original_max_position_embeddings"] == 2048 and set(ROPE_TYPES) == {
-        "default", "linear", "dynamic", "yarn", "llama3"}
+        "default", "linear", "dynamic", "yarn", "llama3", "longrope"}
 
 
 @pytest.mark.parametrize("rope, match", [
@@ -159,6 +163,8 @@ def test_conversion_to_transformers_form():
     ({"type": "yarn", "theta": 1e4, "factor": 4, "original_max_position_embeddings": 4096.5},
      r"original_max_position_embeddings must be a positive integer"),
     ("default", r"rope must be a mapping"),
+    ({"type": "longrope", "theta": 1e4, "short_factor": [1, 1], "long_factor": 4},
+     r"rope.long_factor must be a non-empty list of positive numbers"),
 ])
 def test_bad_config_is_a_clear_error(rope, match):
     with pytest.raises(ValueError, match=match):
@@ -185,6 +191,9 @@ def test_apply_rejects_bad_arguments():
     with pytest.raises(ValueError, match="need original_max_position_embeddings"):  # transformers' silent default
         apply_rope(model, {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, 256)
     assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}  # left untouched
+    with pytest.raises(ValueError, match=r"rope.short_factor has 3 factors but this model needs 8 \(head_dim 16"):
+        apply_rope(model, rope_parameters({"type": "longrope", "theta": 1e4, "short_factor": [1] * 3,
+                                           "long_factor": [1] * 8}, original_max_position_embeddings=64), 256)
     with pytest.raises(ValueError, match="has no rotary embedding module"):
         apply_rope(torch.nn.Linear(2, 2), {"rope_type": "default", "rope_theta": 1e4}, 64)
 
