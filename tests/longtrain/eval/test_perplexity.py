@@ -139,3 +139,13 @@ def test_trained_model_prefers_its_text_to_shuffled_tokens(trained_folder, untra
     u_real = perplexity_at_length(untrained, [text], 64, progress=False)["ppl"]
     u_mixed = perplexity_at_length(untrained, [shuffled], 64, progress=False)["ppl"]
     assert abs(math.log(u_real / u_mixed)) < 0.05 and u_real > 2 * real["ppl"]
+
+
+def test_perplexity_counts_every_scored_token():
+    model = tiny_llama(vocab_size=300)
+    docs = [np.random.default_rng(i).integers(0, 300, n) for i, n in enumerate((300, 50, 129))]
+    slide = perplexity_at_length(model, docs, 64, stride=16, bucket_size=16, progress=False)
+    assert slide["tokens"] == 299 + 128 and slide["documents"] == 2  # the 50-token one is too short
+    assert sum(b["tokens"] for b in slide["buckets"]) == slide["tokens"]
+    chunks = perplexity_at_length(model, docs, 64, progress=False)
+    assert chunks["tokens"] == chunks["windows"] * 63 == (4 + 2) * 63
