@@ -156,7 +156,7 @@ class Trainer:
         from longtrain.attention import register_attention
         from longtrain.ds_config import build_deepspeed_config
         from longtrain.model import count_parameters, load_model, tokenizer_path
-        from longtrain.parallel import ParallelState
+        from longtrain.parallel import check_sp_for_model, init_parallel_states
 
         cfg = self.cfg
         self.device = init_distributed()
@@ -167,8 +167,7 @@ class Trainer:
                                   f"({self.world})")
         # Process groups for every sequence-parallel degree of the run, created up front on all
         # ranks in the same order (torch.distributed.new_group is collective).
-        self.parallel = {sp: ParallelState(self.world, self.rank, sp)
-                         for sp in sorted({s.sp_size for s in cfg.stages})}
+        self.parallel = init_parallel_states(s.sp_size for s in cfg.stages)
 
         self.hf_model = load_model(cfg.model)
         self.tokenizer_dir = tokenizer_path(cfg.model)
@@ -177,6 +176,11 @@ class Trainer:
             from data_prep.tokenizer import tokenizer_identity
 
             tok_identity = tokenizer_identity(str(self.tokenizer_dir))
+        for i, stage in enumerate(cfg.stages):
+            try:
+                check_sp_for_model(self.hf_model.config, stage.sp_size, stage.sp_mode)
+            except ValueError as exc:
+                raise ConfigError(f"stages.{i}.sp_size / sp_mode: {exc}") from None
         vocab = self.hf_model.get_input_embeddings().weight.shape[0]
         self.datasets = []
         for i, stage in enumerate(cfg.stages):
@@ -256,10 +260,7 @@ class Trainer:
         # recomputes inv_freq in fp32 with transformers' own init function.
         apply_rope(self.hf_model, params, stage.max_position_embeddings or stage.seq_len)
         state = self.parallel[stage.sp_size]
-        if stage.sp_size > 1:
-            parallelize_attention(self.hf_model, state, stage.sp_mode)
-        else:
-            self.hf_model.set_attn_implementation("longtrain")
+        parallelize_attention(self.hf_model, state, stage.sp_mode)
         self.engine.set_train_batch_size(stage.grad_accum * self.world)
         layout = StepLayout(state.dp_size, stage.micro_batch_size, stage.grad_accum)
         order = StageOrder(len(self.datasets[index]), self.cfg.train.seed, index)

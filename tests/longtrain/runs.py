@@ -1,0 +1,154 @@
+"""Helpers to prepare real data and launch real training runs (subprocesses, gloo on 127.0.0.1).
+
+The corpus is the Python standard library's own source code: real text present on every machine
+(CI included, where ../shared/data may be absent), with long-range repetition.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+# A fixed, version-robust subset of the standard library (~1 MB of code and docstrings).
+STDLIB_PACKAGES = ("json", "email", "http", "logging", "unittest")
+
+
+def stdlib_corpus() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [str(stdlib / pkg / "**" / "*.py") for pkg in STDLIB_PACKAGES if (stdlib / pkg).is_dir()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".venv" / "torch_extensions"))
+    env.update(extra)
+    return env
+
+
+def tiny_model_config(arch: str = "llama", vocab_size: int = 512, **over) -> dict:
+    cfg = {"model_type": arch, "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 64, "tie_word_embeddings": arch != "mistral"}
+    cfg.update(over)
+    return cfg
+
+
+def write_config(path: Path, stages: list[dict], model: dict, train: dict | None = None) -> Path:
+    base_train = {"precision": "fp32", "zero_stage": 2, "tensorboard": False, "log_samples": True,
+                  "activation_checkpointing": True, "loss_chunk_tokens": 48}
+    base_train.update(train or {})
+    path.write_text(yaml.safe_dump({"model": model, "train": base_train, "stages": stages}, sort_keys=False))
+    return path
+
+
+def deepspeed_cmd(nproc: int, port: int) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+            "--module", "longtrain.cli"]
+
+
+def torchrun_cmd(nproc: int, port: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(port), "-m", "longtrain.cli"]
+
+
+def single_cmd() -> list[str]:
+    return [sys.executable, "-m", "longtrain.cli"]
+
+
+def train_args(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(config), "--run-dir", str(run_dir), *extra]
+
+
+def run(cmd: list[str], timeout: float = 600, log: Path | None = None, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    if log is not None:
+        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    return proc
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(proc.args[:6])} ...\n"
+                             f"--- stdout (tail) ---\n{proc.stdout[-4000:]}\n--- stderr (tail) ---\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def start(cmd: list[str], log: Path, **env) -> subprocess.Popen:
+    """Start a run in its own process group (so a SIGKILL takes every rank and the launcher)."""
+    handle = open(log, "w")
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(**env), stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r["step"] >= step for r in metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before step {step}")
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=120)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+def samples(run_dir: Path) -> dict[tuple[int, int], list]:
+    """{(step, dp_rank): rows} over all ranks' sample logs (SP ranks of one DP rank agree)."""
+    out: dict[tuple[int, int], list] = {}
+    for path in sorted(run_dir.glob("samples.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            key = (rec["step"], rec["dp_rank"])
+            if key in out:
+                assert out[key] == rec["rows"], f"SP ranks of dp {key[1]} read different rows at step {key[0]}"
+            out[key] = rec["rows"]
+    return out
+
+
+def rows_per_step(run_dir: Path) -> dict[int, list[int]]:
+    """{step: sorted dataset rows of the whole step over all DP ranks}."""
+    out: dict[int, list[int]] = {}
+    for (step, _), rows in samples(run_dir).items():
+        out.setdefault(step, []).extend(r for micro in rows for r in micro)
+    return {k: sorted(v) for k, v in out.items()}
