@@ -166,7 +166,7 @@ def longtrain_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
             "cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen) "
             "(docs/internals.md, attention contract)")
     cu_k = kwargs.get("cu_seq_lens_k")
-    if cu_k is not None and cu_k is not cu and not torch.equal(cu_k.to(cu.device), cu):
+    if cu_k is not None and cu_k is not cu and not torch.equal(cu_k.to(cu.device, cu.dtype), cu):
         raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (self-attention over one packed row)")
     if attention_mask is not None:
         raise ValueError(f"attention '{ATTENTION_NAME}' takes no attention_mask (got shape "
