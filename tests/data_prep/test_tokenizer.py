@@ -105,3 +105,49 @@ def test_train_tokenizer_sampling_is_bounded(tmp_path, corpus):
     assert sample_sentences(cfg)[0] == sentences, "seeded: the same sample"
     with pytest.raises(DataPrepError, match="weights"):
         TokenizerConfig([InputSpec("x", 2.0)], vocab_size=300, out="o")
+
+
+def test_split_at_spaces_cuts_only_single_spaces():
+    from data_prep.tokenizer import split_at_spaces
+
+    text = "alpha beta  gamma\tdelta epsilon\nzeta eta " * 40
+    parts = split_at_spaces(text, 30)
+    assert len(parts) > 20 and " ".join(parts) == text
+    assert all(not p[-1].isspace() for p in parts[:-1]) and all(not p[0].isspace() for p in parts[1:])
+    assert split_at_spaces("x" * 500, 30) == ["x" * 500], "no space: not cut"
+
+
+def _long_texts():
+    texts = [shared_file("corpora", "botchan.txt").read_text(encoding="utf-8-sig").replace("\r\n", "\n")]
+    lines = shared_file("corpora", "wikitext2_valid.jsonl").read_text(encoding="utf-8").splitlines()
+    return texts + [json.loads(line)["text"] for line in lines[:12]]
+
+
+@pytest.mark.parametrize("model", ["open_llama_tokenizer.model", "spm_botchan_test_model.model"])
+def test_chunked_encoding_gives_the_whole_document_ids(model):
+    from data_prep.tokenizer import CHUNK_CHARS
+
+    tok = Tokenizer(shared_file("tokenizers", model))
+    texts = _long_texts()
+    assert tok.chunked and sum(len(t) > 2 * CHUNK_CHARS for t in texts) >= 3, "guard: chunking must happen"
+    chunked = tok.encode_batch(texts, True, True)
+    whole = tok._sp.encode(texts, add_bos=True, add_eos=True)
+    assert [c.tolist() for c in chunked] == whole
+
+
+def test_chunked_encoding_own_tokenizer_and_unsafe_models(tmp_path, corpus, tiny_tokenizer):
+    import sentencepiece as spm
+
+    from data_prep.tokenizer import CHUNK_CHARS
+
+    code = "".join(p.read_text() for p in sorted(corpus["code"].rglob("*.py")))
+    texts = [corpus["book"].read_text() * 2, code * 40]
+    assert all(len(t) > 2 * CHUNK_CHARS for t in texts)
+    tok = Tokenizer(tiny_tokenizer)
+    assert tok.chunked and [c.tolist() for c in tok.encode_batch(texts, False, False)] == tok._sp.encode(texts)
+    # A model without the dummy prefix would change ids at a cut: it is never chunked.
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts[0].split("\n")), model_prefix=str(tmp_path / "nd"),
+                                   vocab_size=150, add_dummy_prefix=False, minloglevel=2)
+    unsafe = Tokenizer(tmp_path / "nd.model")
+    assert not unsafe.chunked
+    assert [c.tolist() for c in unsafe.encode_batch(texts, False, False)] == unsafe._sp.encode(texts)
