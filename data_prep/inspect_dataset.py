@@ -60,7 +60,8 @@ def render_row(row: dict, tok: Tokenizer | None, pad_id: int, chars: int = 300, 
     ids = np.asarray(row["input_ids"], dtype=np.int64)
     mask = np.asarray(row["loss_mask"], dtype=np.int64)
     lens = [int(x) for x in row["doc_lens"]]
-    lines = [f"{len(ids)} tokens, {len(lens)} segments, {int(mask.sum())} targets (doc_lens {lens})"]
+    plural = "s" if len(lens) > 1 else ""
+    lines = [f"{len(ids)} tokens, {len(lens)} segment{plural}, {int(mask.sum())} targets (doc_lens {lens})"]
     offset = 0
     for k, n in enumerate(lens):
         seg_ids, seg_mask = ids[offset:offset + n], mask[offset:offset + n]

@@ -58,7 +58,7 @@ class Source:
 
     index: int
     spec: InputSpec
-    kind: str  # "file" (jsonl / parquet / text by suffix), "datasets", or "glob"
+    kind: str  # "jsonl", "parquet", "text" (one file), "datasets" (a save_to_disk folder), "glob"
     files: list[Path]
     total_bytes: int
     hidden_ignored: int = 0
@@ -102,7 +102,7 @@ def resolve_source(spec: InputSpec, index: int) -> Source:
     split = _split_glob(spec.path)
     p = Path(spec.path).expanduser()
     if split is None and p.is_file():
-        return Source(index, spec, "file", [p], p.stat().st_size)
+        return Source(index, spec, _file_kind(p), [p], p.stat().st_size)
     if split is None and p.is_dir():
         if _is_datasets_folder(p):
             files = sorted(p.glob("*.arrow"))
@@ -268,13 +268,18 @@ def _read_datasets_folder(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
     yield from _rows(ds.iter(batch_size=1024), str(path), opts, size / max(1, len(ds)))
 
 
-def _read_file(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
+def _file_kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    return "parquet" if name.endswith(".parquet") else "text"
+
+
+def _read_file(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
+    kind = _file_kind(path)
+    if kind == "jsonl":
         return _read_jsonl(path, opts)
-    if name.endswith(".parquet"):
-        return _read_parquet(path, opts)
-    return _read_text_file(path, opts)
+    return _read_parquet(path, opts) if kind == "parquet" else _read_text_file(path, opts)
 
 
 def iter_documents(source: Source, opts: ReadOptions) -> Iterator[RawDoc]:

@@ -68,6 +68,6 @@ def test_inspect_marks_slide_window_overlap(tmp_path, corpus, tiny_tokenizer, ca
     assert meta["splits"]["train"]["rows"] > 3
     assert inspect_main([str(tmp_path / "out"), "--row", "1", "--chars", "0"]) == 0
     out = capsys.readouterr().out
-    assert "64 tokens, 1 segments, 16 targets" in out
+    assert "64 tokens, 1 segment, 16 targets" in out
     text = out.split("targets\n")[-1]
     assert text.startswith("⟦") and text.count("⟦") == 1, "the overlap with the previous window is context only"

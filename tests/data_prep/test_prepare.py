@@ -218,3 +218,10 @@ def test_config_errors_name_the_option(tmp_path, corpus, tiny_tokenizer):
         with pytest.raises(DataPrepError, match=option):
             run_prepare(tmp_path / "x", [corpus["jsonl"]], tiny_tokenizer, **kw)
     assert not (tmp_path / "x").exists()
+
+
+def test_empty_validation_split_is_a_warning(tmp_path, corpus, tiny_tokenizer):
+    meta = run_prepare(tmp_path / "out", [corpus["book"]], tiny_tokenizer, val_fraction=0.01)
+    assert "validation" not in meta["splits"] and not (tmp_path / "out" / "validation").exists()
+    assert any("no document went to the validation split" in w for w in meta["warnings"])
+    assert meta["counts"]["documents_train"] == 1
