@@ -176,11 +176,18 @@ class Trainer:
             from data_prep.tokenizer import tokenizer_identity
 
             tok_identity = tokenizer_identity(str(self.tokenizer_dir))
+        from longtrain.rope import rope_parameters
+
+        original_max = self._original_max_position_embeddings()
         for i, stage in enumerate(cfg.stages):
             try:
                 check_sp_for_model(self.hf_model.config, stage.sp_size, stage.sp_mode)
             except ValueError as exc:
                 raise ConfigError(f"stages.{i}.sp_size / sp_mode: {exc}") from None
+            try:  # every stage's RoPE checked before anything runs, not at its stage start
+                rope_parameters(stage.rope, original_max_position_embeddings=original_max)
+            except ValueError as exc:
+                raise ConfigError(f"stages.{i}.rope: {exc}") from None
         vocab = self.hf_model.get_input_embeddings().weight.shape[0]
         self.datasets = []
         for i, stage in enumerate(cfg.stages):
@@ -258,7 +265,7 @@ class Trainer:
         params = rope_parameters(stage.rope, original_max_position_embeddings=original_max)
         # Applied after deepspeed.initialize (which may have cast buffers to bf16): apply_rope
         # recomputes inv_freq in fp32 with transformers' own init function.
-        apply_rope(self.hf_model, params, stage.max_position_embeddings or stage.seq_len)
+        apply_rope(self.hf_model, params, self._max_position_embeddings(stage, original_max))
         state = self.parallel[stage.sp_size]
         parallelize_attention(self.hf_model, state, stage.sp_mode)
         self.engine.set_train_batch_size(stage.grad_accum * self.world)
@@ -270,6 +277,14 @@ class Trainer:
                     f"{' (' + stage.sp_mode + ')' if stage.sp_size > 1 else ''}, dp {state.dp_size}, "
                     f"lr {stage.lr:g}")
         return layout, order, total
+
+    @staticmethod
+    def _max_position_embeddings(stage: StageConfig, original_max: int) -> int:
+        """The stage's ``max_position_embeddings``: its seq_len by default; for dynamic NTK the original
+        length, because transformers scales the base only beyond ``max_position_embeddings``."""
+        if stage.max_position_embeddings is not None:
+            return stage.max_position_embeddings
+        return original_max if stage.rope.get("type") == "dynamic" else stage.seq_len
 
     def _original_max_position_embeddings(self) -> int:
         cfg = self.hf_model.config
