@@ -153,8 +153,8 @@ class _Totals:
 
 
 class _Run:
-    def __init__(self, cfg: PrepareConfig, tok: Tokenizer, folder: Path, log):
-        self.cfg, self.tok, self.folder, self.log = cfg, tok, folder, log
+    def __init__(self, cfg: PrepareConfig, tok: Tokenizer, folder: Path):
+        self.cfg, self.tok, self.folder = cfg, tok, folder
         self.add_bos = tok.bos_id is not None if cfg.add_bos is None else cfg.add_bos
         if self.add_bos and tok.bos_id is None:
             raise DataPrepError(f"--add-bos: the tokenizer {tok.file} has no BOS token; pass --no-add-bos")
@@ -341,7 +341,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        run = _Run(cfg, tok, tmp, log)
+        run = _Run(cfg, tok, tmp)
         meta = run.execute(sources)
         if cfg.plot:
             write_stats_png(meta, tmp / "stats.png")

@@ -166,7 +166,7 @@ class Tokenizer:
 # such a space, and the dummy prefix of a chunk stands for the dropped space: the ids are
 # exactly those of the whole document. Models without these properties, or that fail a
 # self-check on a mixed sample, are never chunked (Tokenizer.chunked is False).
-CHUNK_CHARS = 8192
+CHUNK_CHARS = 4096
 _SELF_CHECK_TEXT = (
     "It was the best of times,  it was the worst of times; 1,234.5 apples (naïve café, 東京, 🙂)!\n"
     "def f(x):\n    if x  >  2:\n\treturn [x ** 2 for x in range(10)]  # comment\n\n"
