@@ -62,8 +62,8 @@ def prepare_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the weights")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a prepared dataset")
-    p.add_argument("--id-field", help="JSONL field / column with a document id (used in messages and to "
-                                      "assign the validation split stably)")
+    p.add_argument("--id-field", help="JSONL field / column with a document id: the validation split and the "
+                                      "weights then follow the id, not the document's position")
     p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
                    help="prepend BOS to every document (default: yes when the tokenizer has one)")
     p.add_argument("--add-eos", action=argparse.BooleanOptionalAction, default=True,
