@@ -74,6 +74,20 @@ def _status_kb(key: str) -> int:
     return int(match.group(1))
 
 
+def exact_rss_accounting() -> None:
+    """Make RSS follow live memory: glibc otherwise keeps freed blocks (the warm-up step's
+    activations) resident and reuses them, so a later step's peak would not show up in RSS.
+    ``M_MMAP_THRESHOLD`` 64 KiB: every larger block is its own mmap, returned to the OS on free."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also disables the dynamic threshold)
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
     try:
@@ -124,6 +138,7 @@ def run_rank(rank: int, world: int, mode: str, args: dict) -> dict:
 
 
 def _entry(rank: int, world: int, port: int, mode: str, args: dict, out: str) -> None:
+    exact_rss_accounting()
     torch.set_num_threads(max(1, args["threads"] // world))
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -182,6 +197,7 @@ def main(argv=None) -> None:
     import tempfile
 
     import longtrain.attention  # noqa: F401  (imported before forking the ranks)
+    from longtrain.parallel import padded_length
 
     results = {}
     with tempfile.TemporaryDirectory() as out:
@@ -196,11 +212,12 @@ def main(argv=None) -> None:
     for name, ranks in results.items():
         sp = len(ranks)
         mode = "ring" if name.endswith("ring") else "ulysses"
-        f_fwd, f_bwd = predicted_bytes(mode, sp, -(-a.tokens // (2 * sp)) * 2 * sp if mode == "ring" else a.tokens,
-                                       a.heads, a.kv_heads, head_dim) if sp > 1 else (0, 0)
+        padded = padded_length(a.tokens, sp, mode)
+        f_fwd, f_bwd = predicted_bytes(mode, sp, padded, a.heads, a.kv_heads, head_dim) if sp > 1 else (0, 0)
         for r in ranks:
             fwd, step = r["fwd_bytes"] / a.layers, r["step_bytes"] / a.layers
-            r.update(tokens_per_s=a.tokens / r["step_s"], ratio=r["peak_activation_bytes"] / base["peak_activation_bytes"],
+            ratio = r["peak_activation_bytes"] / base["peak_activation_bytes"]
+            r.update(tokens_per_s=a.tokens / r["step_s"], ratio=ratio,
                      fwd_bytes_per_layer=fwd, step_bytes_per_layer=step,
                      formula_fwd_per_layer=f_fwd, formula_step_per_layer=2 * f_fwd + f_bwd)  # ckpt: fwd twice
             print(f"{name:<14}{r['rank']:>5}{r['tokens_per_s']:>10.0f}{r['peak_activation_bytes'] / 2**20:>14.0f}"

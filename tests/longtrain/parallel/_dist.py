@@ -44,7 +44,8 @@ def run_distributed(fn, world_size: int, out_dir, *args) -> list:
     (torch + transformers take ~5 s per process, ~20 s for 4 processes on 2 cores), and the
     parent has no process group or CUDA context that a fork could break.
     """
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    forkable = "fork" in mp.get_all_start_methods() and not (dist.is_available() and dist.is_initialized())
+    method = "fork" if forkable else "spawn"  # a process group left by another test must not be inherited
     mp.start_processes(_entry, args=(world_size, free_port(), str(out_dir), fn, args), nprocs=world_size,
                        join=True, start_method=method)
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]

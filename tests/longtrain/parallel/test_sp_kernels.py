@@ -15,6 +15,7 @@ from longtrain.parallel import local_token_index
 from tests.longtrain.parallel._dist import run_distributed
 from tests.longtrain.parallel._workers import kernel_worker
 
+pytestmark = pytest.mark.multiproc
 TOL = 1e-5
 DOCS_2 = [5, 21, 3, 11, 1, 7]  # T = 48
 DOCS_4 = [2, 30, 9, 1, 6]  # T = 48
