@@ -105,13 +105,23 @@ def rss_child(scale: int, strategy: str, seq_len: int) -> dict:
         for k in range(scale):
             for name in TEXT_FILES + [JSONL]:
                 (folder / f"copy{k}_{name}").symlink_to(DATA / "corpora" / name)
-        code = ("import json, resource, sys; sys.path.insert(0, %r); from benchmarks.bench_prepare import *; "
+        # VmHWM (the peak RSS of this process's own address space) rather than ru_maxrss, which
+        # also keeps the peak of the parent it was forked from.
+        code = ("import json, sys; sys.path.insert(0, %r); from benchmarks.bench_prepare import *; "
                 "t, j = corpus_files(Path(%r)); r = ours(t, j, Path(%r), %d, Path(%r) / 'out', %r); "
-                "r['rss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; print(json.dumps(r))"
+                "r['rss'] = peak_rss(); print(json.dumps(r))"
                 % (str(REPO), str(folder), str(DATA / "tokenizers" / "open_llama_tokenizer.model"), seq_len, tmp,
                    strategy))
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        return json.loads(proc.stdout.strip().splitlines()[-1])  # (ru_maxrss is in KiB on Linux)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes (Linux /proc/self/status VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def main() -> int:
