@@ -311,8 +311,14 @@ class Trainer:
             batches.append(batch)
         return batches, row_ids
 
-    def _train_step(self, index: int, batches, lr: float) -> dict[str, float]:
+    def _train_step(self, index: int, batches, lr: float, apply_update: bool = True) -> dict[str, float]:
+        """Forward and backward of every micro-batch of one optimizer step, then the update.
+
+        ``apply_update=False`` stops after the last backward (gradients reduced, not applied): the
+        sequence-parallel gradient tests read them there with ``deepspeed.utils.safe_get_full_grad``.
+        """
         engine = self.engine
+        stage = self.cfg.stages[index]
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         counts = torch.tensor([float(sum(b.num_targets for b in batches))], dtype=torch.float64)
@@ -325,18 +331,22 @@ class Trainer:
         scale = self.world * len(batches) / max(global_targets, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
         sum_sq = 0
-        for batch in batches:
+        # Every SP rank sees the row's global cu_seqlens: count the documents on one SP rank only.
+        count_docs = self.parallel[stage.sp_size].sp_rank == 0
+        for i, batch in enumerate(batches):
             dev = self.device
             local = engine(batch.input_ids.to(dev), batch.position_ids.to(dev), batch.labels.to(dev),
                            batch.cu_seqlens.to(dev), batch.max_seqlen)
             engine.backward(local * scale)
-            engine.step()
+            if apply_update or i < len(batches) - 1:
+                engine.step()
             loss_sum += local.detach().double().cpu()
-            lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
-            sum_sq += int((lens * lens).sum())
+            if count_docs:
+                lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+                sum_sq += int((lens * lens).sum())
         totals = torch.stack([loss_sum, torch.tensor(float(sum_sq), dtype=torch.float64)])
         dist.all_reduce(totals)
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm() if apply_update else None
         return {"loss": totals[0].item() / max(global_targets, 1.0), "targets": global_targets,
                 "sum_sq_doc_lens": totals[1].item(),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None}

@@ -54,3 +54,30 @@ def test_stage_order_is_a_permutation_per_epoch_and_reproducible():
     again = StageOrder(num_rows=7, seed=3, stage_index=1)
     assert again.row_ids([10, 2, 5]) == [second[3], first[2], first[5]]
     assert StageOrder(7, seed=3, stage_index=2).row_ids(list(range(7))) != first
+
+
+def test_dataset_checks_name_stage_and_mismatch(tmp_path):
+    import json
+
+    import datasets
+
+    from longtrain.config import ConfigError
+    from longtrain.data import PreparedDataset, check_stage_dataset
+
+    ident = {"path": "a.model", "kind": "sentencepiece", "sha256": "aa" * 32, "vocab_size": 512, "bos_id": 1,
+             "eos_id": 2, "pad_id": 3}
+    (tmp_path / "meta.json").write_text(json.dumps({"seq_len": 64, "tokenizer": ident}))
+    datasets.Dataset.from_dict({"input_ids": [[1] * 64], "doc_lens": [[64]], "loss_mask": [[1] * 64]}) \
+        .save_to_disk(str(tmp_path / "train"))
+    ds = PreparedDataset(tmp_path)
+    check_stage_dataset(ds, stage(seq_len=64), "stages.0", ident, vocab_size=512)
+    with pytest.raises(ConfigError, match=r"stages\.2\.seq_len is 128 .* seq_len 64"):
+        check_stage_dataset(ds, stage(seq_len=128), "stages.2", ident, vocab_size=512)
+    with pytest.raises(ConfigError, match="exceeds the model's embedding size 300"):
+        check_stage_dataset(ds, stage(seq_len=64), "stages.0", ident, vocab_size=300)
+    with pytest.raises(ConfigError, match="sha256"):
+        check_stage_dataset(ds, stage(seq_len=64), "stages.0", dict(ident, sha256="bb" * 32), vocab_size=512)
+    # Another kind of file (tokenizer.json converted from the .model): compared by vocab and special ids.
+    check_stage_dataset(ds, stage(seq_len=64), "stages.0", dict(ident, kind="hf", sha256="cc" * 32), 512)
+    with pytest.raises(ConfigError, match="bos_id 1 vs 0"):
+        check_stage_dataset(ds, stage(seq_len=64), "stages.0", dict(ident, kind="hf", bos_id=0), 512)
