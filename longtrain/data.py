@@ -91,3 +91,51 @@ def check_stage_dataset(dataset: PreparedDataset, stage: StageConfig, where: str
             f"{where}.data {dataset.path} was tokenized with {data_tok.get('path')}, but the model's tokenizer "
             f"is {tokenizer_identity.get('path')} ({mismatch}); prepare the data with the model's tokenizer "
             "or set model.tokenizer")
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How the rows of one optimizer step are split over data-parallel ranks and micro-batches."""
+
+    dp_size: int
+    micro_batch_size: int
+    grad_accum: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.dp_size * self.micro_batch_size * self.grad_accum
+
+    def positions(self, step_in_stage: int, dp_rank: int) -> list[list[int]]:
+        """Global stage positions of this rank's rows, one list per micro-batch."""
+        base = step_in_stage * self.rows_per_step
+        out = []
+        for micro in range(self.grad_accum):
+            start = base + (micro * self.dp_size + dp_rank) * self.micro_batch_size
+            out.append(list(range(start, start + self.micro_batch_size)))
+        return out
+
+
+class StageOrder:
+    """Dataset row order of one stage: a fresh permutation per epoch, seeded by (seed, stage, epoch)."""
+
+    def __init__(self, num_rows: int, seed: int, stage_index: int):
+        self.num_rows = num_rows
+        self.seed = seed
+        self.stage_index = stage_index
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, self.stage_index, epoch])
+            self._perm = rng.permutation(self.num_rows)
+            self._epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def row_ids(self, positions: list[int]) -> list[int]:
+        """Dataset indices for global stage positions (a position past the end wraps to a new epoch)."""
+        return [int(self._permutation(p // self.num_rows)[p % self.num_rows]) for p in positions]
+
+    def epoch_of(self, position: int) -> int:
+        return position // self.num_rows
