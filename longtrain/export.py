@@ -33,11 +33,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = "hf_model."  # longtrain.trainer.CausalLMLoss holds the HF model as `hf_model`
 TOKENIZER_DIR = "tokenizer"
 # Logits of the export loaded in its own dtype vs the fp32 checkpoint model, relative to the largest
-# |logit| of the reference: bf16 keeps 8 significant bits (relative rounding 2**-9 per weight), fp16
-# 11 bits. Errors compound over layers; the bounds are ~10x what tiny and 20M-parameter models show
-# (docs/export.md), so they flag a broken export (NaN/inf, fp16 overflow, wrong weights), not rounding.
-# Exactness is checked separately and without tolerance: same dtype, same weights, same logits.
-NATIVE_RTOL = {torch.float32: 1e-6, torch.bfloat16: 0.1, torch.float16: 0.02}
+# |logit| of the reference (at least 1). bf16 keeps 8 significant bits, fp16 11, and the rounding
+# compounds over layers: random 20M-70M-parameter Llamas show up to 5% (bf16) and 0.6% (fp16), trained
+# models with activation outliers more (docs/export.md). These bounds only flag a broken export (NaN,
+# inf, fp16 overflow, wrong weights: errors of order 100%); exactness is checked separately and
+# without tolerance (same dtype, same weights, same logits).
+NATIVE_RTOL = {torch.float32: 1e-6, torch.bfloat16: 0.25, torch.float16: 0.1}
 FP32_ATOL = 1e-5  # absolute bound for fp32 exports (the issue's acceptance bound)
 
 
@@ -142,7 +143,7 @@ def consolidate_state_dict(tag_dir: Path, log: Callable[[str], None] = print) ->
 def _zero0_state_dict(tag_dir: Path, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     """ZeRO disabled: the module's own weights are in ``mp_rank_00_model_states.pt``."""
     path = tag_dir / "mp_rank_00_model_states.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: skip the optimizer state
     stage = int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     if stage > 0:  # ZeRO keeps the fp32 weights only in the optimizer state files
         raise ExportError(f"{tag_dir}: a ZeRO-{stage} checkpoint without its *_optim_states.pt files (they hold the "
@@ -570,12 +571,12 @@ def _hidden(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits_diff(model, hidden, ref_model, ref_hidden, chunk: int = 64) -> tuple[float, float]:
+def _logits_diff(head, hidden, ref_head, ref_hidden, chunk: int = 64) -> tuple[float, float]:
     """(max |logits - ref logits|, max |ref logits|), never holding (R, L, vocab) logits in full."""
     diff, scale = 0.0, 0.0
     for start in range(0, hidden.shape[1], chunk):
-        got = model.lm_head(hidden[:, start:start + chunk]).float()  # (R, chunk, V)
-        want = ref_model.lm_head(ref_hidden[:, start:start + chunk]).float()
+        got = head(hidden[:, start:start + chunk]).float()  # (R, chunk, V)
+        want = ref_head(ref_hidden[:, start:start + chunk]).float()
         delta = (got - want).abs()
         diff = max(diff, float(delta.max()) if torch.isfinite(delta).all() else float("inf"))
         scale = max(scale, float(want.abs().max()))
@@ -592,22 +593,29 @@ _CONFIG_KEYS_CHANGED = {"use_cache", "dtype", "torch_dtype", "architectures", "b
                         "original_max_position_embeddings"}
 
 
+@torch.no_grad()
 def verify_export(out: Path, reference, dtype: torch.dtype, rope: tuple[dict[str, Any], int],
                   ids: torch.Tensor, positions: torch.Tensor, source: str) -> Verification:
     """Load ``out`` with ``AutoModelForCausalLM.from_pretrained`` (dtype from its config) and compare it
-    with ``reference`` (the fp32 checkpoint model, with the stage's RoPE applied). Casts
-    ``reference`` to ``dtype`` in place at the end (it is not needed afterwards)."""
+    with ``reference``: the fp32 checkpoint model with the stage's RoPE applied, which is cast to
+    ``dtype`` in place first (its fp32 hidden states and head are kept), so that at most the export
+    and one 16-bit copy of the model are held besides (memory: see the CLI help)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     from longtrain.rope import apply_rope
 
+    ref_hidden, ref_head = _hidden(reference, ids, positions), copy.deepcopy(reference.lm_head)  # fp32
+    if dtype != torch.float32:
+        reference.to(dtype)  # the same rounding as the written weights (Tensor.to, round to nearest even)
+        apply_rope(reference, *rope)  # .to() cast inv_freq too: the stage's fp32 frequencies again
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto", attn_implementation="sdpa").eval()
     if loaded.dtype != dtype:
         raise VerificationError(f"{out}: loads as {loaded.dtype}, expected {dtype} (config.json dtype)")
     ref_state = reference.state_dict()
-    weights_equal = all(
-        name in ref_state and torch.equal(value, ref_state[name].to(value.dtype))
-        for name, value in loaded.state_dict().items())
+    weights_equal = all(name in ref_state and torch.equal(value, ref_state[name])
+                        for name, value in loaded.state_dict().items())
     ref_rot, got_rot = _rotary(reference), _rotary(loaded)
     rope_equal = (got_rot.inv_freq.dtype == torch.float32 and torch.equal(got_rot.inv_freq, ref_rot.inv_freq)
                   and got_rot.attention_scaling == ref_rot.attention_scaling)
@@ -621,13 +629,10 @@ def verify_export(out: Path, reference, dtype: torch.dtype, rope: tuple[dict[str
                  and all(written.get(k, "missing") == v for k, v in legacy_rope_keys(written_rope).items()))
 
     hidden = _hidden(loaded, ids, positions)  # (R, L, E)
-    diff, scale = _logits_diff(loaded, hidden, reference, _hidden(reference, ids, positions))
+    diff, scale = _logits_diff(loaded.lm_head, hidden, ref_head, ref_hidden)
     tolerance = FP32_ATOL if dtype == torch.float32 else NATIVE_RTOL[dtype] * max(1.0, scale)
-    same = diff
-    if dtype != torch.float32:
-        reference.to(dtype)
-        apply_rope(reference, *rope)  # .to() cast inv_freq too; the stage's fp32 frequencies again
-        same, _ = _logits_diff(loaded, hidden, reference, _hidden(reference, ids, positions))
+    same = diff if dtype == torch.float32 else _logits_diff(loaded.lm_head, hidden, reference.lm_head,
+                                                            _hidden(reference, ids, positions))[0]
     return Verification(source, ids.shape[0], ids.shape[1], diff, scale, tolerance, same, weights_equal,
                         rope_equal, config_diff, legacy_ok)
 

@@ -14,9 +14,10 @@ The folder is written next to OUT under a hidden name and renamed into place onl
 CHECKPOINT is a run folder (newest complete checkpoint, or --tag), its checkpoints/ folder, or one
 checkpoints/step_XXXXXXXX folder. ZeRO 0-3 checkpoints, with or without optimizer offload.
 
-Memory (CPU RAM): consolidation holds the fp32 model once: 4 bytes per parameter (7B: ~28 GB),
-plus one output shard while writing. --verify loads the export once more (2 bytes per parameter
-for bf16/fp16, 4 for fp32: 7B bf16 needs ~42 GB in all). No GPU is used.
+Memory (CPU RAM, no GPU used): consolidation holds the fp32 model once, 4 bytes per parameter
+(7B: ~28 GB), plus one output shard while writing. --verify then casts that model to the export
+dtype and loads the export: peak ~6 bytes per parameter for bf16/fp16 (7B: ~42 GB), 8 for fp32
+(7B: ~56 GB). Use --no-verify where that does not fit (and verify on a bigger machine).
 
 Exit codes: 0 exported (and verified), 1 verification failed (nothing written), 2 bad input.
 """

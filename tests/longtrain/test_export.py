@@ -408,7 +408,7 @@ def make_format_checkpoints(out: Path) -> None:
 
     init_distributed()
     rng = np.random.default_rng(dist.get_rank())
-    rows = [{"input_ids": rng.integers(4, 512, 64), "doc_lens": [40, 24], "loss_mask": np.ones(64)} for _ in range(2)]
+    rows = [{"input_ids": rng.integers(4, 512, 64), "doc_lens": [40, 24], "loss_mask": np.ones(64, dtype=np.uint8)} for _ in range(2)]
     batch = make_packed_batch(rows)
     probe = torch.from_numpy(np.random.default_rng(99).integers(4, 512, (2, 48)))
     for name, (arch, train) in FORMATS.items():
