@@ -63,7 +63,8 @@ def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[s
     if not path.is_dir():
         raise ExportError(f"CHECKPOINT {path}: is a file; pass a run folder, its checkpoints/ folder or a "
                           f"step_XXXXXXXX checkpoint folder")
-    is_tag = (path / checkpoint.STATE_FILE).exists() or (path / checkpoint.COMPLETE_FILE).exists()
+    is_tag = ((path / checkpoint.STATE_FILE).exists() or (path / checkpoint.COMPLETE_FILE).exists()
+              or (path.name.startswith("step_") and path.name[5:].isdigit()))
     if is_tag:
         if tag is not None and _tag_of(tag) != path.name:
             raise ExportError(f"--tag {tag}: CHECKPOINT {path} is already one checkpoint ({path.name}); pass its run "
@@ -256,10 +257,6 @@ def load_checkpoint_model(path: str | Path, tag: str | None = None, require_toke
 # ------------------------------------------------------------------------------------ files
 
 
-def _sizes_text(n_bytes: int) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
-
-
 def tensors_to_save(model) -> dict[str, torch.Tensor]:
     """The model's state dict without tied aliases (``lm_head.weight`` when tied to the embeddings):
     the first name of each shared parameter is kept, as ``save_pretrained`` does."""
@@ -374,46 +371,58 @@ def _spm_specials(spm_file: Path) -> dict[str, str]:
     return {name: sp.id_to_piece(i) for name, i in names.items() if i >= 0}
 
 
+def _hf_specials(source: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """Special tokens named in ``tokenizer_config.json`` (a string or ``{"content": ...}``), as data
+    prep reads them, and that config."""
+    path = source / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    specials = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            specials[name] = token
+    return specials, config
+
+
 def write_tokenizer(source: Path, out: Path, add_bos: bool, model_max_length: int) -> dict[str, Any]:
     """Tokenizer files that transformers 5.x and 4.4x both load (DESIGN.md section 3): ``tokenizer.json``
     with ``tokenizer_class: PreTrainedTokenizerFast``, and ``tokenizer.model`` copied alongside.
 
-    A SentencePiece-only tokenizer is converted by transformers' own converter (``AutoTokenizer`` on a
-    folder holding only the ``.model`` builds it with ``SpmConverter.build_tokenizer_from_spm_proto``,
-    which follows the model's normaliser and pieces); the result is checked token for token against
-    SentencePiece by ``check_tokenizer``. ``add_bos``: make ``tokenizer(text)`` start with BOS, as the
-    training rows did (the dataset's ``add_bos``); an HF tokenizer keeps its own post-processor.
+    An HF tokenizer's ``tokenizer.json`` is copied as is: it is the file data prep tokenized with
+    (it prefers it over ``tokenizer.model``). A SentencePiece-only tokenizer is converted by
+    transformers' own converter (``AutoTokenizer`` on a folder holding only the ``.model`` builds it
+    with ``SpmConverter.build_tokenizer_from_spm_proto``, which follows the model's normaliser and
+    pieces), checked token for token against SentencePiece by ``check_tokenizer``; ``add_bos`` then
+    makes ``tokenizer(text)`` start with BOS, as the training rows did (the dataset's ``add_bos``).
     """
-    from tokenizers import processors
+    from tokenizers import Tokenizer, processors
     from transformers import AutoTokenizer
 
     spm_file = source / "tokenizer.model"
     from_spm = not (source / "tokenizer.json").is_file()
     if from_spm and not spm_file.is_file():
         raise ExportError(f"tokenizer {source}: neither tokenizer.json nor tokenizer.model")
+    tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                                  "model_max_length": model_max_length}
     if from_spm:
         with tempfile.TemporaryDirectory() as tmp:  # only the .model: nothing else steers the conversion
             shutil.copy2(spm_file, Path(tmp) / "tokenizer.model")
-            tok = AutoTokenizer.from_pretrained(tmp)
+            backend = AutoTokenizer.from_pretrained(tmp).backend_tokenizer
         specials = _spm_specials(spm_file)
+        if add_bos and "bos_token" in specials:
+            bos = specials["bos_token"]
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, backend.token_to_id(bos))])
+        backend.save(str(out / "tokenizer.json"))
     else:
-        tok = AutoTokenizer.from_pretrained(source)
-        specials = {name: str(getattr(tok, name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-                    if getattr(tok, name, None) is not None}
-    backend = tok.backend_tokenizer
-    if from_spm and add_bos and "bos_token" in specials:
-        bos = specials["bos_token"]
-        bos_id = backend.token_to_id(bos)
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
-    backend.save(str(out / "tokenizer.json"))
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "model_max_length": model_max_length, **specials}
-    source_config = source / "tokenizer_config.json"
-    if not from_spm and source_config.is_file():  # an instruct model's chat template stays with it
-        template = json.loads(source_config.read_text(encoding="utf-8")).get("chat_template")
-        if template:
-            tok_config["chat_template"] = template
+        shutil.copy2(source / "tokenizer.json", out / "tokenizer.json")
+        backend = Tokenizer.from_file(str(out / "tokenizer.json"))
+        specials, source_config = _hf_specials(source)
+        if source_config.get("chat_template"):  # an instruct model's chat template stays with it
+            tok_config["chat_template"] = source_config["chat_template"]
+    tok_config.update(specials)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
     if spm_file.is_file():
@@ -437,8 +446,9 @@ class TokenizerCheck:
 
 def check_tokenizer(out: Path, source: Path, texts: list[str]) -> TokenizerCheck:
     """The exported ``tokenizer.json`` (loaded as ``PreTrainedTokenizerFast``, the class its config
-    names) encodes like the run's tokenizer: SentencePiece itself for a ``tokenizer.model``, else the
-    source folder through ``AutoTokenizer``; BOS/EOS ids agree. Raises ``ExportError`` otherwise.
+    names) encodes like the run's tokenizer (SentencePiece itself for a ``tokenizer.model``, else its
+    ``tokenizer.json`` through ``tokenizers``, as data prep does); BOS/EOS ids agree. Raises
+    ``ExportError`` otherwise.
 
     Also reports what ``AutoTokenizer`` does with the folder: transformers 5.x ignores
     ``tokenizer_class`` for some model types (e.g. qwen2, phi3: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``)
@@ -447,10 +457,13 @@ def check_tokenizer(out: Path, source: Path, texts: list[str]) -> TokenizerCheck
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast.from_pretrained(out)
-    if (source / "tokenizer.json").is_file():
-        ref = AutoTokenizer.from_pretrained(source)
-        encode, reference = (lambda t: ref.encode(t, add_special_tokens=False)), f"AutoTokenizer({source})"
-        ids = {"bos_token_id": ref.bos_token_id, "eos_token_id": ref.eos_token_id}
+    if (source / "tokenizer.json").is_file():  # the file data prep encoded with, through `tokenizers`
+        from tokenizers import Tokenizer
+
+        ref = Tokenizer.from_file(str(source / "tokenizer.json"))
+        encode, reference = (lambda t: ref.encode(t, add_special_tokens=False).ids), str(source / "tokenizer.json")
+        specials = _hf_specials(source)[0]
+        ids = {f"{k[:-6]}_token_id": ref.token_to_id(specials[k]) for k in ("bos_token", "eos_token") if k in specials}
     else:
         import sentencepiece
 

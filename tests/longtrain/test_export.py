@@ -258,6 +258,36 @@ def test_sentencepiece_conversion_on_real_tokenizers(tmp_path):
         assert check_tokenizer(out, source, [text]).tokens > 20_000
 
 
+def test_hf_tokenizer_is_kept_byte_for_byte(tmp_path):
+    """A run whose tokenizer is an HF tokenizer.json (e.g. a continued Qwen2): copied as is, its special
+    tokens and chat template kept, loadable as PreTrainedTokenizerFast with the same ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from longtrain.export import check_tokenizer, write_tokenizer
+
+    text = Path(json.__file__).parent.joinpath("decoder.py").read_text()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    source, out = tmp_path / "src", tmp_path / "out"
+    out.mkdir()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.update(chat_template="{{ messages[0]['content'] }}", eos_token={"content": "<|endoftext|>"})
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    info = write_tokenizer(source, out, add_bos=True, model_max_length=128)
+    assert not info["from_sentencepiece"] and not info["adds_bos"] and info["eos_token_id"] == 0
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert written["chat_template"] == config["chat_template"] and written["eos_token"] == "<|endoftext|>"
+    assert check_tokenizer(out, source, [text]).tokens > 1000
+    loaded = PreTrainedTokenizerFast.from_pretrained(out)
+    assert loaded.encode(text[:200], add_special_tokens=False) == tok.encode(text[:200]).ids
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 
