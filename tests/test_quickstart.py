@@ -1,0 +1,35 @@
+"""`bash launch/quickstart.sh --smoke`: the README's first command, end to end, in a shortened mode
+(a few steps per stage; the full run is the same script with more steps)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+
+def test_quickstart_smoke_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "qs"
+    proc = subprocess.run(["bash", "launch/quickstart.sh", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for n in (128, 256, 512):
+        assert json.loads((out / "data" / f"len{n}" / "meta.json").read_text())["seq_len"] == n
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 25))  # interrupted and resumed, no step twice
+    assert [r["rope_theta"] for r in records] == [1e4] * 12 + [1e5] * 4 + [1e6] * 8
+    assert "stopping after global step" in (out / "train_part1.log").read_text()
+    assert "resumed from" in (out / "train_part2.log").read_text()
+    for name, theta, max_pos in (("export_short_128", 1e4, 128), ("export_extended_512", 1e6, 512)):
+        cfg = json.loads((out / name / "config.json").read_text())
+        assert cfg["rope_parameters"]["rope_theta"] == theta and cfg["rope_theta"] == theta
+        assert cfg["max_position_embeddings"] == max_pos
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert (out / "eval" / "ppl_by_position.png").stat().st_size > 0
+    assert (out / "eval" / "passkey.png").stat().st_size > 0
+    assert "| model | length | ppl" in proc.stdout and "plots" in proc.stdout
+    assert len(json.dumps(results)) > 100
