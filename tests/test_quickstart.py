@@ -32,4 +32,8 @@ def test_quickstart_smoke_runs_the_whole_pipeline(tmp_path):
     assert (out / "eval" / "ppl_by_position.png").stat().st_size > 0
     assert (out / "eval" / "passkey.png").stat().st_size > 0
     assert "| model | length | ppl" in proc.stdout and "plots" in proc.stdout
-    assert len(json.dumps(results)) > 100
+    assert [m["name"] for m in results["models"]] == ["short-128@10k", "extended-512@1M"]
+    for model in results["models"]:
+        for length in ("128", "512"):
+            ppl = model["perplexity"][length]
+            assert ppl["tokens"] > 0 and ppl["ppl"] > 1 and ppl["buckets"][-1]["end"] == int(length)
