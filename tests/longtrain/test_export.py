@@ -324,6 +324,10 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, bas
         ((str(run), str(out), "--tag", "99"), "complete checkpoints: step_00000004"),
         ((str(run), str(out), "--max-shard-size", "lots"), "--max-shard-size 'lots'"),
     ]
+    early = run / "checkpoints" / "step_00000009"  # cut off before longtrain_state.json was written
+    shutil.copytree(run / "checkpoints" / "step_00000008", early)
+    (early / checkpoint.STATE_FILE).unlink()
+    cases.append(((str(early), str(out)), "incomplete (no COMPLETE marker"))
     for argv, message in cases:
         assert message in _cli_err(capsys, *argv), argv
         assert not out.exists()
@@ -331,7 +335,7 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, bas
         _cli(str(run), str(out), "--dtype", "int8")
     # A run folder: the cut-off newest checkpoint is skipped, with a note, and step 4 exported.
     assert _cli(str(run), str(out), "--dtype", "fp32") == 0
-    assert "skipping step_00000008" in capsys.readouterr().out
+    assert "skipping step_00000008, step_00000009" in capsys.readouterr().out
     assert _config(out)["rope_theta"] == 1e4
     # DeepSpeed's files damaged or missing.
     tag = run / "checkpoints" / "step_00000004"
@@ -344,6 +348,15 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, bas
         states.unlink()
     assert "not a DeepSpeed checkpoint" in _cli_err(capsys, str(tag), str(tmp_path / "o2"))
     _no_leftovers(tmp_path)
+
+
+def test_fp16_overflow_is_refused(tmp_path):
+    from longtrain.export import ExportError, write_weights
+
+    tensors = {"a.weight": torch.ones(4, 4), "b.weight": torch.full((2,), 1e5)}  # fp16 max is 65504
+    with pytest.raises(ExportError, match="b.weight: values beyond the range of float16"):
+        write_weights(tensors, tmp_path, torch.float16, "5GB", progress=False)
+    assert write_weights(tensors, tmp_path, torch.bfloat16, "5GB", progress=False) == ["model.safetensors"]
 
 
 def test_output_folder_rules(tmp_path, capsys, baseline_run):
@@ -438,7 +451,8 @@ def make_format_checkpoints(out: Path) -> None:
 
     init_distributed()
     rng = np.random.default_rng(dist.get_rank())
-    rows = [{"input_ids": rng.integers(4, 512, 64), "doc_lens": [40, 24], "loss_mask": np.ones(64, dtype=np.uint8)} for _ in range(2)]
+    rows = [{"input_ids": rng.integers(4, 512, 64), "doc_lens": [40, 24], "loss_mask": np.ones(64, dtype=np.uint8)}
+            for _ in range(2)]  # two packed rows of two documents each, different on each rank
     batch = make_packed_batch(rows)
     probe = torch.from_numpy(np.random.default_rng(99).integers(4, 512, (2, 48)))
     for name, (arch, train) in FORMATS.items():
