@@ -83,7 +83,7 @@ def build_engine(variant: str, seq_len: int, data: Path):
     from longtrain.data import PreparedDataset
     from longtrain.ds_config import build_deepspeed_config
     from longtrain.model import load_model
-    from longtrain.trainer import CausalLMLoss, init_distributed, param_groups
+    from longtrain.trainer import CausalLMLoss, enable_activation_checkpointing, init_distributed, param_groups
 
     init_distributed()
     cfg = config_from_dict({"model": {"config": dict(MODEL, max_position_embeddings=seq_len), "init_seed": 0},
@@ -94,7 +94,7 @@ def build_engine(variant: str, seq_len: int, data: Path):
     if variant == "longtrain":
         register_attention()
         hf_model.set_attn_implementation("longtrain")
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(hf_model)
         module = CausalLMLoss(hf_model, cfg.train.loss_chunk_tokens)
     else:
         module = BaselineLoss.build(hf_model)

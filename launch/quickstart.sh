@@ -133,8 +133,8 @@ grep -E "resumed from|training done" "$OUT/train_part2.log" | sed 's/^/  /'
 # ---------------------------------------------------------------------------- 4. export
 say "4/5 export the short model (end of stage 1) and the extended one (end of stage 3)"
 SHORT_CKPT=$(printf '%s/checkpoints/step_%08d' "$RUN" "${STEPS[0]}")
-$LT export "$SHORT_CKPT" "$OUT/export_short_128" --dtype fp32 --overwrite
-$LT export "$RUN" "$OUT/export_extended_512" --dtype fp32 --overwrite
+$LT export "$SHORT_CKPT" "$OUT/export_short_128" --dtype fp32 --overwrite --no-progress
+$LT export "$RUN" "$OUT/export_extended_512" --dtype fp32 --overwrite --no-progress
 
 # ---------------------------------------------------------------------------- 5. evaluate
 say "5/5 evaluate on held-out standard-library packages (never trained on)"

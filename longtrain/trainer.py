@@ -113,10 +113,28 @@ class _StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
+def enable_activation_checkpointing(hf_model: torch.nn.Module) -> None:
+    """Recompute every decoder layer in backward (non-reentrant: works with ZeRO-3's hooks).
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` (deprecated) to
+    ``activation_checkpointing_enable``; use whichever this version has.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf_model, "activation_checkpointing_enable"):
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def init_distributed() -> torch.device:
     """Start the process group (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
+    import warnings
+
     import deepspeed
 
+    # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor name every step; nothing for
+    # users to act on, so keep it out of the training log.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     # Slurm (srun, one task per device) sets SLURM_* but not the torch variables.
     for torch_var, slurm_var in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"),
                                  ("LOCAL_RANK", "SLURM_LOCALID")):
@@ -206,7 +224,7 @@ class Trainer:
         self.hf_model.set_attn_implementation("longtrain")
         self.hf_model.config.use_cache = False
         if cfg.train.activation_checkpointing:
-            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.hf_model)
         self.source_model = cfg.model.name_or_path or f"from scratch ({cfg.model.config.get('model_type')})"
         self.n_params = count_parameters(self.hf_model)
         text_cfg = self.hf_model.config
