@@ -548,7 +548,8 @@ def _compat_python() -> Path:
     (site / "zz_longtrain_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     try:
         pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                              "transformers==4.46.*"], capture_output=True, text=True, timeout=900)
+                              "--timeout", "30", "--retries", "1", "transformers==4.46.*"],
+                             capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
         pip = None
     if pip is None or pip.returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
