@@ -62,8 +62,9 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> di
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if train.precision == "bf16":
-        # fp32 gradient accumulation: bf16 sums lose low bits over many micro-batches.
+    if train.precision == "bf16" and train.zero_stage >= 1:
+        # fp32 gradient accumulation: bf16 sums lose low bits over many micro-batches. (Without
+        # ZeRO, DeepSpeed 0.19 refuses this mix; its bf16 path then accumulates in bf16.)
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return merge_deepspeed_overrides(ds, cfg.deepspeed)
 

@@ -126,3 +126,12 @@ def test_shipped_recipes_validate(recipe):
         pytest.skip(f"{recipe} not written yet")
     cfg = load_config(path)
     assert cfg.stages
+
+
+def test_bf16_fp32_grad_accumulation_only_with_zero():
+    """DeepSpeed 0.19 refuses bf16 weights with fp32 gradient accumulation without ZeRO."""
+    raw = base_raw()
+    raw["train"].update(precision="bf16", zero_stage=0)
+    assert "data_types" not in build_deepspeed_config(config_from_dict(raw), 1, False)
+    raw["train"]["zero_stage"] = 1
+    assert build_deepspeed_config(config_from_dict(raw), 1, False)["data_types"] == {"grad_accum_dtype": "fp32"}
