@@ -24,6 +24,7 @@ setup(
         "protobuf",
         "pyyaml>=6",
         "safetensors>=0.4",
+        "accelerate",  # transformers' DeepSpeed integration (zero.Init loading under ZeRO-3)
         "numpy",
         "tqdm",
         "matplotlib",

@@ -81,7 +81,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            # A parameter already partitioned by zero.Init is a flat stub: its real shape is ds_shape.
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (decay if ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -187,7 +189,17 @@ class Trainer:
         # ranks in the same order (torch.distributed.new_group is collective).
         self.parallel = init_parallel_states(s.sp_size for s in cfg.stages)
 
+        ds_config = build_deepspeed_config(cfg, self.world, self.device.type == "cuda")
+        if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
+            # ZeRO-3: let transformers load the pretrained weights straight into partitions
+            # (deepspeed.zero.Init), so no rank ever holds the full model. The object must stay
+            # alive: transformers keeps only a weak reference to it.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
         self.hf_model = load_model(cfg.model)
+        if hasattr(self.hf_model.get_input_embeddings().weight, "ds_numel"):
+            self._event(f"loaded {cfg.model.name_or_path} into ZeRO-3 partitions (deepspeed.zero.Init)")
         self.tokenizer_dir = tokenizer_path(cfg.model)
         tok_identity = None
         if self.tokenizer_dir is not None:
@@ -206,7 +218,8 @@ class Trainer:
                 rope_parameters(stage.rope, original_max_position_embeddings=original_max)
             except ValueError as exc:
                 raise ConfigError(f"stages.{i}.rope: {exc}") from None
-        vocab = self.hf_model.get_input_embeddings().weight.shape[0]
+        embed = self.hf_model.get_input_embeddings().weight
+        vocab = int(getattr(embed, "ds_shape", embed.shape)[0])  # ds_shape: partitioned by zero.Init
         self.datasets = []
         for i, stage in enumerate(cfg.stages):
             dataset = PreparedDataset(stage.data)
@@ -233,7 +246,6 @@ class Trainer:
         self.n_layers = text_cfg.num_hidden_layers
 
         wrapped = CausalLMLoss(self.hf_model, cfg.train.loss_chunk_tokens)
-        ds_config = build_deepspeed_config(cfg, self.world, self.device.type == "cuda")
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=param_groups(wrapped, cfg.train.optimizer.weight_decay),
             config=ds_config)

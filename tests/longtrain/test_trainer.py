@@ -137,3 +137,41 @@ def test_dataset_that_does_not_fit_the_stage_is_refused(tmp_path, stdlib_tokeniz
     proc = runs.run(runs.single_cmd() + runs.train_args(config, tmp_path / "run"))
     assert proc.returncode == 2
     assert "stages.1.seq_len is 128" in proc.stderr and "--seq-len 128" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def pretrained_folder(tmp_path_factory, stdlib_tokenizer):
+    """A Hugging Face folder (save_pretrained + tokenizer.model): what users continue training from."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = runs.tiny_model_config()
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(7)
+    folder = tmp_path_factory.mktemp("pretrained") / "tiny-llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    shutil.copy(stdlib_tokenizer, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.mark.slow
+def test_continue_a_pretrained_folder_zero3_partitioned_load_matches_one_process(tmp_path, pretrained_folder,
+                                                                                 stdlib_datasets):
+    """The main use case: continue an HF model folder (its tokenizer found and checked). Under ZeRO-3
+    the weights load straight into partitions (zero.Init); losses equal one process's ZeRO-2 run."""
+    stages = two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=2)
+    model = {"name_or_path": str(pretrained_folder)}
+    single_cfg = runs.write_config(tmp_path / "single.yaml", stages, model)
+    single = runs.check(runs.run(runs.single_cmd() + runs.train_args(single_cfg, tmp_path / "single"),
+                                 log=tmp_path / "single.log"))
+    assert "zero.Init" not in single.stdout
+    stages = two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=2, s0__grad_accum=1, s1__grad_accum=1)
+    sharded_cfg = runs.write_config(tmp_path / "z3.yaml", stages, model, {"zero_stage": 3})
+    sharded = runs.check(runs.run(runs.torchrun_cmd(2, runs.free_port()) + runs.train_args(sharded_cfg, tmp_path / "z3"),
+                                  log=tmp_path / "z3.log"))
+    assert "into ZeRO-3 partitions (deepspeed.zero.Init)" in sharded.stdout
+    want, got = runs.losses(tmp_path / "single"), runs.losses(tmp_path / "z3")
+    assert len(want) == len(got) == 4
+    assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(got, want)), (got, want)
+    assert (tmp_path / "z3" / "tokenizer" / "tokenizer.model").is_file()
