@@ -234,15 +234,17 @@ def _read_yaml_with_includes(path: Path, seen: tuple[Path, ...]) -> dict[str, An
         includes = [includes]
     merged: dict[str, Any] = {}
     for inc in includes:
-        merged = _deep_merge(merged, _read_yaml_with_includes(path.parent / inc, seen + (path.resolve(),)))
-    return _deep_merge(merged, raw)
+        merged = deep_merge(merged, _read_yaml_with_includes(path.parent / inc, seen + (path.resolve(),)))
+    return deep_merge(merged, raw)
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``over`` merged in: nested mappings key by key, anything else replaced.
+    Used for recipe ``include:`` files and for the ``deepspeed:`` pass-through section (ds_config.py)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out

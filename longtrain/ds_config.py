@@ -9,10 +9,9 @@ averages over all ranks, and the loss is scaled so that the average is exact (do
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from longtrain.config import RunConfig
+from longtrain.config import RunConfig, deep_merge
 
 
 def optimizer_impl(cfg: RunConfig, on_cuda: bool) -> str:
@@ -66,15 +65,4 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> di
         # fp32 gradient accumulation: bf16 sums lose low bits over many micro-batches. (Without
         # ZeRO, DeepSpeed 0.19 refuses this mix; its bf16 path then accumulates in bf16.)
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    return merge_deepspeed_overrides(ds, cfg.deepspeed)
-
-
-def merge_deepspeed_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge the user's pass-through ``deepspeed:`` section over the generated one."""
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_deepspeed_overrides(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    return deep_merge(ds, cfg.deepspeed)  # the user's pass-through `deepspeed:` section over the generated one
