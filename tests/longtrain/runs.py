@@ -43,6 +43,11 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def single_rank_vars() -> dict[str, str]:
+    """torch.distributed's ``env://`` variables for one process (world size 1) on a free port of 127.0.0.1."""
+    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
 def tiny_model_config(arch: str = "llama", vocab_size: int = 512, **over) -> dict:
     cfg = {"model_type": arch, "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from longtrain.loss import chunked_lm_loss_sum
+from tests.longtrain import runs
 
 REPO = Path(__file__).resolve().parents[2]
 T, E, V = 50, 16, 300
@@ -222,12 +222,7 @@ torch.distributed.destroy_process_group()
 def test_under_deepspeed_zero3(tmp_path):
     """lm_head called as a module: ZeRO-3 gathers its partitioned weight, in forward and in the recomputation."""
     pytest.importorskip("deepspeed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    env = runs.child_env(PYTHONPATH=str(REPO), **runs.single_rank_vars())
     script = tmp_path / "zero3.py"
     script.write_text(_ZERO3_SCRIPT)
     proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,

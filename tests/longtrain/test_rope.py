@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longtrain.rope import ROPE_TYPES, apply_rope, describe_rope, rope_parameters
+from tests.longtrain import runs
 
 ORIG_LEN = 64  # the tiny models' "pretraining" length
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -242,13 +240,7 @@ torch.distributed.destroy_process_group()
 def test_apply_on_deepspeed_zero3_bf16_engine(tmp_path):
     """On engine.module under ZeRO-3 bf16: fp32 frequencies equal a fresh model's; logits equal a plain model's."""
     pytest.importorskip("deepspeed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(repo / ".venv" / "torch_extensions"))
+    env = runs.child_env(PYTHONPATH=str(runs.REPO_ROOT), **runs.single_rank_vars())
     script, out = tmp_path / "zero3.py", tmp_path / "result.json"
     script.write_text(_ZERO3_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path, capture_output=True,

@@ -81,8 +81,7 @@ def test_crafted_rows_cross_slices_and_starve_a_rank(probe_config):
 @pytest.mark.slow
 def test_sp2_loss_and_every_gradient_equal_one_process(tmp_path, probe_config):
     single = runs.check(runs.run([sys.executable, str(PROBE), str(probe_config), str(tmp_path), "1:ulysses:2"],
-                                 log=tmp_path / "single.log", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(runs.free_port())))
+                                 log=tmp_path / "single.log", **runs.single_rank_vars()))
     assert single.returncode == 0
     cmd = [str(runs.BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(runs.free_port()), str(PROBE), str(probe_config), str(tmp_path), *COMBOS]
