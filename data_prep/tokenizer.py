@@ -42,14 +42,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _special_id(config: dict, key: str, vocab) -> int | None:
-    """Id of a special token named in tokenizer_config.json (a string or {"content": ...})."""
-    token = config.get(key)
-    if isinstance(token, dict):
-        token = token.get("content")
-    if not isinstance(token, str):
-        return None
-    return vocab(token)
+def read_special_tokens(folder: Path) -> tuple[dict[str, str], dict]:
+    """The special tokens named in ``folder/tokenizer_config.json`` (each a string or ``{"content": ...}``),
+    ``{"bos_token": "<s>", ...}``, and that config (``{}`` when there is none). Export reads them here too."""
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    specials = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            specials[name] = token
+    return specials, config
 
 
 class Tokenizer:
@@ -90,12 +94,9 @@ class Tokenizer:
         except Exception as exc:
             raise DataPrepError(f"could not load {self.file} as an HF tokenizer.json ({exc}); {_HINT}") from None
         self.vocab_size = int(self._hf.get_vocab_size(with_added_tokens=True))
-        config_file = self.file.parent / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        vocab = self._hf.token_to_id
-        self.bos_id = _special_id(config, "bos_token", vocab)
-        self.eos_id = _special_id(config, "eos_token", vocab)
-        self.pad_id = _special_id(config, "pad_token", vocab)
+        specials, _ = read_special_tokens(self.file.parent)
+        self.bos_id, self.eos_id, self.pad_id = (self._hf.token_to_id(specials[name]) if name in specials else None
+                                                 for name in ("bos_token", "eos_token", "pad_token"))
         self._special = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
 
     def identity(self) -> dict:

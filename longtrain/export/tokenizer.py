@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from data_prep.tokenizer import Tokenizer as DataPrepTokenizer, read_special_tokens
 from longtrain.export.errors import ExportError
 
 TOKENIZER_DIR = "tokenizer"
@@ -34,20 +35,6 @@ def _spm_specials(spm_file: Path) -> dict[str, str]:
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
     names = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
     return {name: sp.id_to_piece(i) for name, i in names.items() if i >= 0}
-
-
-def _hf_specials(source: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """Special tokens named in ``tokenizer_config.json`` (a string or ``{"content": ...}``), as data
-    prep reads them, and that config."""
-    path = source / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    specials = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        token = config.get(name)
-        token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str):
-            specials[name] = token
-    return specials, config
 
 
 def write_tokenizer(source: Path, out: Path, add_bos: bool, model_max_length: int) -> dict[str, Any]:
@@ -84,7 +71,7 @@ def write_tokenizer(source: Path, out: Path, add_bos: bool, model_max_length: in
     else:
         shutil.copy2(source / "tokenizer.json", out / "tokenizer.json")
         backend = Tokenizer.from_file(str(out / "tokenizer.json"))
-        specials, source_config = _hf_specials(source)
+        specials, source_config = read_special_tokens(source)  # as data prep reads them
         if source_config.get("chat_template"):  # an instruct model's chat template stays with it
             tok_config["chat_template"] = source_config["chat_template"]
     tok_config.update(specials)
@@ -111,9 +98,9 @@ class TokenizerCheck:
 
 def check_tokenizer(out: Path, source: Path, texts: list[str]) -> TokenizerCheck:
     """The exported ``tokenizer.json`` (loaded as ``PreTrainedTokenizerFast``, the class its config
-    names) encodes like the run's tokenizer (SentencePiece itself for a ``tokenizer.model``, else its
-    ``tokenizer.json`` through ``tokenizers``, as data prep does); BOS/EOS ids agree. Raises
-    ``ExportError`` otherwise.
+    names) encodes like the run's tokenizer as data prep loads it (``data_prep.tokenizer.Tokenizer``: its
+    ``tokenizer.json`` through ``tokenizers``, else SentencePiece itself for a ``tokenizer.model``);
+    BOS/EOS ids agree. Raises ``ExportError`` otherwise.
 
     Also reports what ``AutoTokenizer`` does with the folder: transformers 5.x ignores
     ``tokenizer_class`` for some model types (e.g. qwen2, phi3: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``)
@@ -122,24 +109,14 @@ def check_tokenizer(out: Path, source: Path, texts: list[str]) -> TokenizerCheck
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast.from_pretrained(out)
-    if (source / "tokenizer.json").is_file():  # the file data prep encoded with, through `tokenizers`
-        from tokenizers import Tokenizer
-
-        ref = Tokenizer.from_file(str(source / "tokenizer.json"))
-        encode, reference = (lambda t: ref.encode(t, add_special_tokens=False).ids), str(source / "tokenizer.json")
-        specials = _hf_specials(source)[0]
-        ids = {f"{k[:-6]}_token_id": ref.token_to_id(specials[k]) for k in ("bos_token", "eos_token") if k in specials}
-    else:
-        import sentencepiece
-
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
-        encode, reference = sp.encode, f"SentencePiece({source / 'tokenizer.model'})"
-        ids = {"bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None,
-               "eos_token_id": sp.eos_id() if sp.eos_id() >= 0 else None}
+    ref = DataPrepTokenizer(source)  # the tokenizer the training rows were encoded with, loaded the same way
+    reference = str(source / "tokenizer.json") if ref.kind == "hf" else f"SentencePiece({source / 'tokenizer.model'})"
+    ids = {"bos_token_id": ref.bos_id, "eos_token_id": ref.eos_id}
     compared, auto_differs = 0, False
     auto = AutoTokenizer.from_pretrained(out)
     for text in [TOKENIZER_CHECK_TEXT, *texts]:
-        want, got = encode(text), fast.encode(text, add_special_tokens=False)
+        want = ref.encode_batch([text], add_bos=False, add_eos=False)[0].tolist()
+        got = fast.encode(text, add_special_tokens=False)
         if want != got:
             first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
             raise ExportError(f"tokenizer check: the exported tokenizer.json encodes {text[:40]!r} differently from "
