@@ -10,8 +10,9 @@ callers add BOS themselves, explicitly, like data prep does.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from data_prep.tokenizer import file_sha256  # the hash data prep records in meta.json
 
 SPM_FILE = "tokenizer.model"
 
@@ -60,10 +61,6 @@ class EvalTokenizer:
                 "bos_id": self.bos_id, "sha256": self.sha256}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_tokenizer(path: str | Path) -> EvalTokenizer:
     """Load the tokenizer at ``path``: a ``tokenizer.model`` file, a folder holding one, or any
     folder (or Hub name) ``AutoTokenizer`` can read."""
@@ -76,7 +73,7 @@ def load_tokenizer(path: str | Path) -> EvalTokenizer:
             sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
         except Exception as exc:  # sentencepiece raises plain RuntimeError/OSError
             raise ValueError(f"tokenizer {spm_path}: not a readable SentencePiece model ({exc})") from exc
-        return EvalTokenizer(str(spm_path), "sentencepiece", sp, _sha256(spm_path))
+        return EvalTokenizer(str(spm_path), "sentencepiece", sp, file_sha256(spm_path))
     from transformers import AutoTokenizer
 
     try:
@@ -87,4 +84,4 @@ def load_tokenizer(path: str | Path) -> EvalTokenizer:
             f"put the tokenizer files (tokenizer.model or tokenizer.json) in the model folder"
         ) from exc
     tok_json = Path(path) / "tokenizer.json"
-    return EvalTokenizer(str(path), "transformers", tok, _sha256(tok_json) if tok_json.is_file() else None)
+    return EvalTokenizer(str(path), "transformers", tok, file_sha256(tok_json) if tok_json.is_file() else None)
