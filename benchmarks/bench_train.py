@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -98,6 +97,7 @@ def build_engine(variant: str, seq_len: int, data: Path):
         module = CausalLMLoss(hf_model, cfg.train.loss_chunk_tokens)
     else:
         module = BaselineLoss.build(hf_model)
+    module.train()  # as the trainer does: from_pretrained / eval mode would skip checkpointing
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, 0.1),
                                       config=build_deepspeed_config(cfg, 1, False))
     return engine, PreparedDataset(data)
@@ -161,7 +161,8 @@ def probe_child(variant: str, seq_len: int, data: str, budget: int) -> None:
     threading.Thread(target=watchdog, daemon=True).start()
     engine, dataset = build_engine(variant, seq_len, Path(data))
     train_steps(engine, dataset, 2)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the benchmark parent's peak.
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
     print(json.dumps({"peak_rss": peak}), flush=True)
     os._exit(0)
 

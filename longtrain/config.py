@@ -82,8 +82,9 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     activation_checkpointing: bool = True
     """Recompute each decoder layer in backward (HF gradient checkpointing, non-reentrant)."""
-    loss_chunk_tokens: int = 4096
-    """Tokens per chunk of the cross-entropy: ``[seq, vocab]`` logits are never held in full."""
+    loss_chunk_tokens: int | None = None
+    """Tokens per chunk of the cross-entropy (``[seq, vocab]`` logits are never held in full);
+    default: about 64 MiB of fp32 logits per chunk (512 tokens at vocab 32k, 128 at 128k)."""
     checkpoint_every: int = 0
     """Save every N optimizer steps (0: only at stage ends, on SIGTERM/SIGUSR1 and at the end)."""
     keep_checkpoints: int = 3
@@ -107,7 +108,8 @@ class TrainConfig:
             raise ConfigError("train.offload_param needs train.zero_stage: 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
-        _check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
+        if self.loss_chunk_tokens is not None:
+            _check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
         _check_positive("train.log_every", self.log_every)
         if self.checkpoint_every < 0 or self.keep_checkpoints < 0:
             raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 0")

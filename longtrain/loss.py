@@ -18,6 +18,16 @@ from torch.utils.checkpoint import checkpoint
 from longtrain.batching import IGNORE_INDEX
 
 
+def default_chunk_tokens(vocab_size: int, logits_bytes: int = 64 * 2**20) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take about ``logits_bytes`` (a power of two,
+    at least 128): the chunk's logits, their gradient and the softmax live at once in backward, so
+    a fixed byte budget, not a fixed token count, keeps the loss's memory flat across vocabularies.
+    64 MiB is 512 tokens at vocab 32k: still a large matmul, and a small fraction of the memory of
+    one decoder layer's recomputation at long lengths (measured: benchmarks/bench_train.py)."""
+    tokens = max(128, logits_bytes // (4 * max(1, vocab_size)))
+    return 1 << (tokens.bit_length() - 1)
+
+
 def _chunk_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     """hidden (n, E), labels (n,) -> 0-d fp32 sum of CE over targets (0 when there are none, never NaN)."""
     logits = lm_head(hidden).float()  # (n, V), upcast: bf16 log-softmax over a large vocab loses precision

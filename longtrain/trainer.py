@@ -62,10 +62,12 @@ class CausalLMLoss(torch.nn.Module):
     Parameter names gain the prefix ``hf_model.``; export strips it.
     """
 
-    def __init__(self, hf_model: torch.nn.Module, loss_chunk_tokens: int):
+    def __init__(self, hf_model: torch.nn.Module, loss_chunk_tokens: int | None):
+        from longtrain.loss import default_chunk_tokens
+
         super().__init__()
         self.hf_model = hf_model
-        self.loss_chunk_tokens = loss_chunk_tokens
+        self.loss_chunk_tokens = loss_chunk_tokens or default_chunk_tokens(hf_model.config.vocab_size)
 
     def forward(self, input_ids, position_ids, labels, cu_seqlens, max_seqlen: int):
         from longtrain.loss import chunked_lm_loss_sum
@@ -246,6 +248,9 @@ class Trainer:
         self.n_layers = text_cfg.num_hidden_layers
 
         wrapped = CausalLMLoss(self.hf_model, cfg.train.loss_chunk_tokens)
+        # from_pretrained returns a model in eval mode, where transformers silently skips
+        # activation checkpointing (and dropout): training mode, explicitly.
+        wrapped.train()
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=param_groups(wrapped, cfg.train.optimizer.weight_decay),
             config=ds_config)

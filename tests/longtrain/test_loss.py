@@ -234,3 +234,11 @@ def test_under_deepspeed_zero3(tmp_path):
     assert abs(result["loss"] - result["ref"]) <= 1e-5 * result["ref"]
     assert result["grad_err"] <= 1e-5
     assert result["empty"] == 0.0
+
+
+def test_default_chunk_keeps_a_fixed_logits_budget():
+    from longtrain.loss import default_chunk_tokens
+
+    assert default_chunk_tokens(32000) == 512 and default_chunk_tokens(128256) == 128
+    assert default_chunk_tokens(2048) == 8192 and default_chunk_tokens(512) == 32768
+    assert default_chunk_tokens(152064) == 128 and default_chunk_tokens(10**7) == 128  # never below 128
