@@ -255,6 +255,10 @@ class Trainer:
             model=wrapped, model_parameters=param_groups(wrapped, cfg.train.optimizer.weight_decay),
             config=ds_config)
         self.peak_flops = peak_flops(self.device, cfg.train.peak_tflops)
+        layers = list(self.hf_model.model.layers)
+        recomputed = sum(bool(getattr(layer, "gradient_checkpointing", False) and layer.training) for layer in layers)
+        self._event(f"model: {self.n_params:,} parameters, {len(layers)} layers, activation checkpointing on "
+                    f"{recomputed}/{len(layers)} layers, attention '{self.hf_model.config._attn_implementation}'")
 
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -166,6 +166,8 @@ def test_continue_a_pretrained_folder_zero3_partitioned_load_matches_one_process
     single = runs.check(runs.run(runs.single_cmd() + runs.train_args(single_cfg, tmp_path / "single"),
                                  log=tmp_path / "single.log"))
     assert "zero.Init" not in single.stdout
+    # from_pretrained returns eval mode, where transformers silently skips checkpointing: it must be on.
+    assert "activation checkpointing on 2/2 layers" in single.stdout
     stages = two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=2, s0__grad_accum=1, s1__grad_accum=1)
     sharded_cfg = runs.write_config(tmp_path / "z3.yaml", stages, model, {"zero_stage": 3})
     sharded = runs.check(runs.run(runs.torchrun_cmd(2, runs.free_port()) + runs.train_args(sharded_cfg, tmp_path / "z3"),
