@@ -60,8 +60,10 @@ def two_stage_recipe(datasets: dict[int, Path], **stage_over) -> list[dict]:
 def baseline_run(tmp_path_factory, stdlib_tokenizer, stdlib_datasets) -> Path:
     """One process, two stages, fp32 ZeRO-2: the reference the multi-rank and resumed runs must match."""
     root = tmp_path_factory.mktemp("baseline")
+    # checkpoint_every 3, keep all: step 3 (mid stage 1) lets a test resume across the stage boundary.
     config = runs.write_config(root / "run.yaml", two_stage_recipe(stdlib_datasets),
-                               {"config": runs.tiny_model_config(), "tokenizer": str(stdlib_tokenizer)})
+                               {"config": runs.tiny_model_config(), "tokenizer": str(stdlib_tokenizer)},
+                               {"checkpoint_every": 3, "keep_checkpoints": 0})
     run_dir = root / "run"
     runs.check(runs.run(runs.single_cmd() + runs.train_args(config, run_dir), log=root / "log.txt"))
     return run_dir

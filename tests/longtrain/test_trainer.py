@@ -32,7 +32,9 @@ def test_reference_run_is_complete(baseline_run):
     assert [r["stage"] for r in records] == ["s64_base10k"] * 4 + ["s128_base1M"] * 4
     # The RoPE base follows the schedule, and so does the checkpointed HF config.
     assert [r["rope_theta"] for r in records] == [1e4] * 4 + [1e6] * 4
-    first_stage, last = checkpoint.complete_checkpoints(baseline_run / "checkpoints")[-2:]
+    done = checkpoint.complete_checkpoints(baseline_run / "checkpoints")
+    assert [d.name for d in done] == [f"step_0000000{n}" for n in (3, 4, 6, 8)]
+    first_stage, last = done[1], done[-1]
     for tag, theta, max_pos in ((first_stage, 1e4, 64), (last, 1e6, 128)):
         hf = json.loads((tag / checkpoint.HF_CONFIG_DIR / "config.json").read_text())
         assert hf["rope_parameters"]["rope_theta"] == theta and hf["max_position_embeddings"] == max_pos
@@ -50,7 +52,7 @@ def test_reference_run_is_complete(baseline_run):
 def test_two_ranks_zero2_simulated_two_nodes_match_one_process(tmp_path, baseline_run, stdlib_tokenizer,
                                                                 stdlib_datasets):
     """Two "nodes" of one process each, started the way users start real nodes without ssh
-    (deepspeed --hostfile --no_ssh --node_rank), same global batch as the single process."""
+    (launch/train.sh --hostfile H --nnodes 2 --node-rank N), same global batch as the single process."""
     stages = two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__grad_accum=1)
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer))
     hostfile = tmp_path / "hostfile"
@@ -58,9 +60,10 @@ def test_two_ranks_zero2_simulated_two_nodes_match_one_process(tmp_path, baselin
     port, run_dir = runs.free_port(), tmp_path / "run"
     procs = []
     for node_rank in (0, 1):
-        cmd = [str(runs.BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "longtrain.cli",
-               *runs.train_args(config, run_dir)]
+        # launch/train.sh runs `deepspeed --hostfile H --no_ssh --node_rank N ... --module longtrain.cli train`
+        cmd = ["bash", str(runs.REPO_ROOT / "launch" / "train.sh"), str(config), str(run_dir), "--hostfile",
+               str(hostfile), "--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
+               "--master-port", str(port)]
         procs.append(runs.start(cmd, tmp_path / f"node{node_rank}.log"))
     for node_rank, proc in enumerate(procs):
         assert proc.wait(timeout=600) == 0, (tmp_path / f"node{node_rank}.log").read_text()[-4000:]
@@ -98,6 +101,23 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, baseline_run, stdlib
     assert runs.losses(run_dir) == runs.losses(baseline_run)  # bitwise, fp32 on CPU
     assert [r["step"] for r in runs.metrics(run_dir)] == list(range(1, 9))
     assert runs.rows_per_step(run_dir) == runs.rows_per_step(baseline_run)
+
+
+@pytest.mark.slow
+def test_resume_from_mid_stage_crosses_the_stage_boundary_bitwise(tmp_path, baseline_run):
+    """--resume PATH from the reference run's step-3 checkpoint (stage 1 of 2) into a new run folder:
+    steps 4-8 (the stage change, the new RoPE base and dataset) equal the uninterrupted run bitwise."""
+    config = baseline_run.parent / "run.yaml"
+    run_dir = tmp_path / "from3"
+    proc = runs.check(runs.run(runs.single_cmd() + runs.train_args(
+        config, run_dir, "--resume", str(baseline_run / "checkpoints" / "step_00000003")), log=tmp_path / "log.txt"))
+    assert "resumed from" in proc.stdout and "stage s64_base10k, step 3" in proc.stdout
+    records = runs.metrics(run_dir)
+    assert [r["step"] for r in records] == [4, 5, 6, 7, 8]
+    assert [r["stage"] for r in records] == ["s64_base10k"] + ["s128_base1M"] * 4
+    assert [r["loss"] for r in records] == runs.losses(baseline_run)[3:]
+    want = runs.rows_per_step(baseline_run)
+    assert runs.rows_per_step(run_dir) == {step: want[step] for step in range(4, 9)}
 
 
 @pytest.mark.slow
