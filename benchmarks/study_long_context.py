@@ -319,7 +319,7 @@ def evaluate(runner: Runner, work: Path, methods: dict, arms: list[str], runs: l
     base_ckpt = base_dir / "checkpoints" / tag_for(steps["base"])
     export = work / "export" / "base"
     if runner.dry_run or not (export / "config.json").is_file():
-        runner.longtrain("export base", ["export", base_ckpt, export, "--dtype", "fp32", "--overwrite"])
+        runner.longtrain("export base", ["export", base_ckpt, export, "--dtype", "fp32", "--overwrite", "--no-progress"])
     results = {}
     heldout = work / "corpus" / "heldout"
     # Held-out perplexity at L of the base along its training (is it converged?).
@@ -376,7 +376,12 @@ def control_ppl(results: dict, runs: list[dict], kind: str) -> dict[int, float]:
 
 def arm_numbers(res: dict, arm: dict, arm_runs: list[dict], control: dict[int, float]) -> dict:
     """{row name: {metric: (mean, spread over seeds)}} for the base, the training-free variants and
-    each method (its seeds aggregated); ``regression`` is ppl@L relative to the control, seed by seed."""
+    each method (its seeds aggregated).
+
+    ``regression``: mean ppl@L of the method over mean ppl@L of the control, minus 1; its spread is
+    half the range over every (method seed, control seed) pair. Seeds are not paired: a seed is a
+    data order, and the control reads another dataset (rows of 128), so seed i of both is no closer
+    a match than any other pair."""
     by_name = {m["name"]: model_numbers(m, arm["seq_len"]) for m in res["models"]}
     method_models = {f"{r['method']} s{r['seed']}" for r in arm_runs}
     rows: dict[str, dict] = {n: {k: (v, None) for k, v in nums.items()}
@@ -386,8 +391,11 @@ def arm_numbers(res: dict, arm: dict, arm_runs: list[dict], control: dict[int, f
         seeds = [by_name[f"{method} s{r['seed']}"] for r in mine]
         rows[method] = {k: mean_spread([s.get(k) for s in seeds]) for k in {k for s in seeds for k in s}}
         rows[method]["seeds"] = len(seeds)
-        rows[method]["regression"] = mean_spread([by_name[f"{method} s{r['seed']}"]["ppl_L"] / control[r["seed"]] - 1
-                                                  for r in mine if r["seed"] in control])
+        ppl_l = [by_name[f"{method} s{r['seed']}"]["ppl_L"] for r in mine]
+        if control:
+            ratios = [p / c - 1 for p in ppl_l for c in control.values()]
+            spread = (max(ratios) - min(ratios)) / 2 if len(ratios) > 1 else None
+            rows[method]["regression"] = (mean_spread(ppl_l)[0] / mean_spread(list(control.values()))[0] - 1, spread)
     return rows
 
 
@@ -404,25 +412,31 @@ def arm_table(rows: dict, long_len: int) -> list[str]:
     return lines
 
 
-def goal_checks(rows: dict, arm_runs: list[dict]) -> list[dict]:
-    """The issue's goals, per method, on one held-out set (mean over seeds)."""
+def goal_checks(rows: dict, arm_runs: list[dict], long_len: int) -> list[dict]:
+    """The issue's goals, per method, on one held-out set (means over seeds). ``value`` is a ratio
+    (``unit`` "x") or a relative change (``unit`` "%")."""
     checks = []
     for method in dict.fromkeys(r["method"] for r in arm_runs):
         if method == "control-128":
             continue
         ratio = rows[method]["ratio"][0]
-        checks.append({"goal": "ppl [L,4L) <= ppl [L/4,L)", "method": method, "value": ratio,
-                       "met": ratio is not None and ratio <= 1.0})
+        checks.append({"goal": f"ppl [{BASE_L},{long_len}) / ppl [{BASE_L // 4},{BASE_L}) <= 1", "method": method,
+                       "value": ratio, "unit": "x", "met": ratio is not None and ratio <= 1.0})
         reg = rows[method].get("regression", (None, None))[0]
-        checks.append({"goal": "regression at L <= 2%", "method": method, "value": reg,
+        checks.append({"goal": f"regression at {BASE_L} <= 2%", "method": method, "value": reg, "unit": "%",
                        "met": reg is not None and reg <= 0.02})
     abf = [m for m in rows if m.startswith("abf")]
     pi = [m for m in rows if m.startswith("pi-") and "(no training)" not in m]
     if abf and pi:
         a, p = rows[abf[0]]["ppl_long"][0], rows[pi[0]]["ppl_long"][0]
-        checks.append({"goal": "ABF no worse than PI (ppl at 4L)", "method": f"{abf[0]} vs {pi[0]}",
-                       "value": a / p if a and p else None, "met": a is not None and p is not None and a <= p})
+        checks.append({"goal": f"ABF ppl@{long_len} <= PI ppl@{long_len}", "method": f"{abf[0]} vs {pi[0]}",
+                       "value": a / p - 1 if a and p else None, "unit": "%",
+                       "met": a is not None and p is not None and a <= p})
     return checks
+
+
+def _check_value(check: dict) -> str:
+    return _pct(check["value"]) if check["unit"] == "%" else _fmt(check["value"], digits=3)
 
 
 def _curve(entry: dict, width: int) -> tuple[list[float], list[float]]:
@@ -444,33 +458,62 @@ def _seed_mean_curve(entries: list[dict], width: int) -> tuple[list[float], list
     return xs, ys
 
 
-def plot_arm(path: Path, results: dict, arm_name: str, length: int, select, title: str, width: int) -> Path:
-    """Perplexity by position at ``length``, one panel per held-out set; seeds averaged (geometric)."""
+# One colour per method family in every plot (trained and training-free alike).
+COLORS = {"base10k": "C1", "abf": "C2", "ntk": "C3", "pi": "C4", "yarn": "C5", "dynamic": "C0", "control": "C7"}
+
+
+def _style(label: str) -> dict:
+    if label == "base-128":
+        return {"color": "0.4", "ls": "--"}
+    return {"color": COLORS.get(label.split("-")[0], "C9")}
+
+
+def _arm_groups(results: dict, arm_name: str, kind: str, length: int, select) -> dict[str, list[dict]]:
+    """{plot label: [eval entries at ``length``, one per seed]} for the models ``select`` keeps."""
+    groups: dict[str, list[dict]] = {}
+    for m in results[f"{arm_name}_{kind}"]["models"]:
+        label = select(m["name"])
+        if label and str(length) in m["perplexity"]:
+            groups.setdefault(label, []).append(m["perplexity"][str(length)])
+    return groups
+
+
+def plot_arm(path: Path, results: dict, arm_name: str, length: int, select, title: str, width: int,
+             relative_to: str | None = None) -> Path:
+    """Perplexity by position at ``length``, one column per held-out set, seeds averaged (geometric).
+    With ``relative_to``, a second row shows each curve relative to that model's (in %), where
+    differences of a few percent that the log scale hides are visible."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, len(HELDOUT_SETS), squeeze=False).ravel()
-    for ax, kind in zip(axes, HELDOUT_SETS):
-        groups: dict[str, list[dict]] = {}
-        for m in results[f"{arm_name}_{kind}"]["models"]:
-            label = select(m["name"])
-            if label and str(length) in m["perplexity"]:
-                groups.setdefault(label, []).append(m["perplexity"][str(length)])
-        for i, (label, entries) in enumerate(groups.items()):
-            xs, ys = _seed_mean_curve(entries, width)
-            style = {"color": "0.4", "ls": "--"} if label == "base-128" else {"color": f"C{i % 10}"}
+    rows = 2 if relative_to else 1
+    fig = Figure(figsize=(11, 3.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, len(HELDOUT_SETS), squeeze=False)
+    for col, kind in enumerate(HELDOUT_SETS):
+        groups = _arm_groups(results, arm_name, kind, length, select)
+        curves = {label: _seed_mean_curve(entries, width) for label, entries in groups.items()}
+        ax = axes[0, col]
+        for label, (xs, ys) in curves.items():
+            style = _style(label)
             ax.plot(xs, ys, marker="o", ms=2.5, lw=1.3, label=label, **style)
-        ax.axvline(BASE_L, color="k", ls=":", lw=1)
+            if relative_to and relative_to in curves and label != "base-128":
+                ref = curves[relative_to][1]
+                axes[1, col].plot(xs, [100 * (y / r - 1) for y, r in zip(ys, ref)], marker="o", ms=2.5,
+                                  lw=1.3, label=label, **style)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2358" else ""))
-        ax.set_xlabel(f"position (bucket of {width}); dotted: L = {BASE_L}")
         ax.set_ylabel("held-out perplexity")
         ax.set_title(f"{title}: held-out {kind}", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.savefig(path, dpi=90)
+        if relative_to:
+            axes[1, col].axhline(0, color="k", lw=0.8)
+            axes[1, col].set_ylabel(f"% vs {relative_to}")
+        for a in axes[:, col]:
+            a.axvline(BASE_L, color="k", ls=":", lw=1)
+            a.set_xlabel(f"position (bucket of {width}); dotted: L = {BASE_L}")
+            a.grid(alpha=0.3, which="both")
+            a.legend(fontsize=7)
+    fig.savefig(path, dpi=80)
     return path
 
 
@@ -527,10 +570,10 @@ def report(work: Path, methods: dict, arms: list[str], runs: list[dict], results
             out["arms"][arm_name][kind] = rows
             md += ["", f"## Arm {arm_name} (L = {BASE_L} -> {arm['seq_len']}), held-out {kind}", ""]
             md += arm_table(rows, arm["seq_len"])
-            checks = goal_checks(rows, arm_runs)
+            checks = goal_checks(rows, arm_runs, arm["seq_len"])
             out["checks"][f"{arm_name}_{kind}"] = checks
             md += ["", "| goal | method | value | met |", "|---|---|---:|---|"]
-            md += [f"| {c['goal']} | {c['method']} | {_fmt(c['value'], digits=3)} | {'yes' if c['met'] else 'NO'} |"
+            md += [f"| {c['goal']} | {c['method']} | {_check_value(c)} | {'yes' if c['met'] else 'NO'} |"
                    for c in checks]
         trap = _dynamic_trap_check(results, arm_name)
         if trap:
@@ -547,12 +590,12 @@ def report(work: Path, methods: dict, arms: list[str], runs: list[dict], results
             work / "study_after_x4.png", results, "x4", methods["arms"]["x4"]["seq_len"],
             lambda n: n if n == "base-128" else (n.rsplit(" s", 1)[0] if "(no training)" not in n
                                                  and not n.startswith("control") else None),
-            f"after {steps['extend']} steps at 4L", 32)
+            f"after {steps['extend']} steps at 4L", 32, relative_to="base10k-512")
     if "x16" in arms:
         plots["study_x16.png"] = plot_arm(
             work / "study_x16.png", results, "x16", methods["arms"]["x16"]["seq_len"],
             lambda n: n if n == "base-128" else (n.rsplit(" s", 1)[0] if "(no training)" not in n else None),
-            f"after {steps['extend']} steps at 16L", 128)
+            f"after {steps['extend']} steps at 16L", 128, relative_to="base10k-2048")
     out["plots"] = {k: str(v) for k, v in plots.items()}
     md += ["", "Plots: " + ", ".join(plots)]
     (work / "study_results.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
@@ -644,9 +687,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         report(work, methods, args.arms, runs, results, steps, Path(args.docs_dir) if args.docs_dir else None)
     total = time.perf_counter() - start
-    if not args.dry_run:
-        (work / "timings.json").write_text(json.dumps({"total_s": round(total, 1), **runner.timings}, indent=1)
-                                           + "\n", encoding="utf-8")
+    if not args.dry_run:  # seconds per command; a re-run that skipped finished commands keeps their times
+        path = work / "timings.json"
+        timings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        timings.update(runner.timings)
+        timings["invocations_s"] = timings.get("invocations_s", []) + [round(total, 1)]
+        path.write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
     print(f"[study] finished in {total / 60:.1f} min; report: {work / 'report.md'}")
     return 0
 

@@ -164,16 +164,20 @@ def test_report_tables_goals_and_plots(tmp_path):
     out = study.report(work, methods, list(methods["arms"]), runs, _synthetic_results(runs, methods),
                        {"base": 2, "extend": 1}, docs)
     checks = {(c["goal"][:12], c["method"]): c for c in out["checks"]["x4_code"]}
-    assert checks[("ppl [L,4L) <", "abf-1e6")]["met"]                  # 15 vs 20: beyond L is lower
-    assert not checks[("ppl [L,4L) <", "base10k-512")]["met"]          # 25 vs 20
+    assert checks[("ppl [128,512", "abf-1e6")]["met"]                  # 15 vs 20: beyond L is lower
+    assert checks[("ppl [128,512", "abf-1e6")]["value"] == pytest.approx(0.75)
+    assert not checks[("ppl [128,512", "base10k-512")]["met"]          # 25 vs 20
     assert not checks[("regression a", "yarn-4")]["met"]               # +3% vs the control
     assert checks[("regression a", "abf-1e6")]["value"] == pytest.approx(0.0, abs=1e-12)
     assert checks[("regression a", "yarn-4")]["value"] == pytest.approx(0.03)
-    assert checks[("ABF no worse", "abf-1e6 vs pi-4")]["met"]         # PI is 5% worse here
+    abf_pi = checks[("ABF ppl@512 ", "abf-1e6 vs pi-4")]
+    assert abf_pi["met"] and abf_pi["value"] == pytest.approx(1 / 1.05 - 1)  # PI is 5% worse here
     abf = out["arms"]["x4"]["code"]["abf-1e6"]
     assert abf["seeds"] == 2 and abf["ppl_long"] == pytest.approx((18.0 * 1.001, 18.0 * 0.001))  # mean, half-range
     x16 = {c["method"]: c for c in out["checks"]["x16_code"] if c["goal"].startswith("regression")}
-    assert x16["pi-16"]["value"] == pytest.approx(0.05) and not x16["pi-16"]["met"]  # vs the 4x arm's control
+    # vs the mean of the 4x arm's control seeds (22 and 22 x 1.002)
+    assert x16["pi-16"]["value"] == pytest.approx(1.05 / 1.001 - 1) and not x16["pi-16"]["met"]
+    assert out["arms"]["x4"]["code"]["yarn-4"]["regression"][1] == pytest.approx(1.03 * (1.002 - 1 / 1.002) / 2)
     report = (work / "report.md").read_text()
     assert "| abf-1e6 |" in report and "regression" in report
     for name in ("study_base.png", "study_before.png", "study_after_x4.png", "study_x16.png"):
