@@ -308,9 +308,11 @@ def _cli_err(capsys, *argv: str) -> str:
 
 def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, baseline_exports):
     out = tmp_path / "out"
-    run = tmp_path / "run"  # a copy: step 4 complete, step 8 cut off mid-write
+    run = tmp_path / "run"  # a copy: steps 3, 4 and 6 complete, step 8 cut off mid-write
     shutil.copytree(baseline_run, run)
     (run / "checkpoints" / "step_00000008" / checkpoint.COMPLETE_FILE).unlink()
+    complete = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / checkpoint.COMPLETE_FILE).exists())
+    assert "step_00000004" in complete and "step_00000008" not in complete
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"  # DeepSpeed's pointer
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -321,7 +323,7 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, bas
         ((str(run / "checkpoints" / "step_00000008"), str(out)), "incomplete (no COMPLETE marker"),
         ((str(run), str(out), "--tag", "8"), "incomplete (no COMPLETE marker"),
         ((str(run), str(out), "--tag", "99"), "no checkpoint step_00000099 in"),
-        ((str(run), str(out), "--tag", "99"), "complete checkpoints: step_00000004"),
+        ((str(run), str(out), "--tag", "99"), "complete checkpoints: " + ", ".join(complete)),
         ((str(run), str(out), "--max-shard-size", "lots"), "--max-shard-size 'lots'"),
     ]
     early = run / "checkpoints" / "step_00000009"  # cut off before longtrain_state.json was written
@@ -333,10 +335,12 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, bas
         assert not out.exists()
     with pytest.raises(SystemExit):  # argparse's own error for a dtype it does not offer
         _cli(str(run), str(out), "--dtype", "int8")
-    # A run folder: the cut-off newest checkpoint is skipped, with a note, and step 4 exported.
+    # A run folder: the cut-off newest checkpoints are skipped, with a note, and the newest complete
+    # one (step 6, in the base-1M stage) exported.
+    assert complete[-1] == "step_00000006"
     assert _cli(str(run), str(out), "--dtype", "fp32") == 0
     assert "skipping step_00000008, step_00000009" in capsys.readouterr().out
-    assert _config(out)["rope_theta"] == 1e4
+    assert _config(out)["rope_theta"] == 1e6
     # DeepSpeed's files damaged or missing.
     tag = run / "checkpoints" / "step_00000004"
     optim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
