@@ -12,7 +12,7 @@ The recipe is data: ``configs/study/recipe.yaml`` (model, base stage, extension 
 resumes from the same stage-0 checkpoint (``longtrain train --resume``), so all share the base
 weights and optimizer state and differ only in stage 1.
 
-Usage (from the repository root; ~35 min on 2 idle CPU cores, several times that on a busy machine):
+Usage (from the repository root; 131 minutes measured on 2 CPU cores shared with other jobs):
 
     .venv/bin/python benchmarks/study_long_context.py [--work-dir runs/study] [--seeds 0 1]
 
@@ -295,14 +295,39 @@ HELDOUT_SETS = ("code", "prose")
 BUCKET = 32  # divides L/4 = 32, L = 128 and every eval length: range_ppl needs whole buckets
 
 
+def _model_mtime(path: Path) -> float:
+    """When a model to evaluate last changed: its newest complete checkpoint, or its config.json."""
+    from longtrain.checkpoint import COMPLETE_FILE, latest_complete
+
+    tag = latest_complete(path / "checkpoints") if (path / "checkpoints").is_dir() else path
+    for marker in (tag / COMPLETE_FILE if tag else None, path / "config.json"):
+        if marker is not None and marker.is_file():
+            return marker.stat().st_mtime
+    return float("inf")  # unknown: evaluate again
+
+
+def _variant_current(folder: Path, export: Path, rope: dict) -> bool:
+    """A training-free variant written after the export, with this RoPE (else it is rewritten, and
+    evaluated again since its config.json is then newer than the results)."""
+    from longtrain.rope import rope_parameters
+
+    config = folder / "config.json"
+    if not config.is_file() or config.stat().st_mtime <= _model_mtime(export):
+        return False
+    want = rope_parameters(rope, original_max_position_embeddings=BASE_L)
+    return json.loads(config.read_text(encoding="utf-8")).get("rope_parameters") == want
+
+
 def eval_call(runner: Runner, label: str, out: Path, models: list[tuple[str, Path]], data: Path,
               lengths: list[int]) -> dict | None:
-    """One `longtrain eval` over several models (skipped when a finished results.json has them all)."""
+    """One `longtrain eval` over several models; skipped when a finished results.json has the same
+    models and lengths and is newer than every model (a retrained model is evaluated again)."""
     names = [n for n, _ in models]
     done = out / "results.json"
     if not runner.dry_run and done.is_file():
         old = json.loads(done.read_text(encoding="utf-8"))
-        if "files" in old and [m["name"] for m in old["models"]] == names \
+        fresh = all(_model_mtime(Path(p)) < done.stat().st_mtime for _, p in models)
+        if fresh and "files" in old and [m["name"] for m in old["models"]] == names \
                 and old["settings"]["lengths"] == lengths:
             return old
     args = ["eval", *[p for _, p in models], "--names", *names, "--data", data, "--lengths", *lengths,
@@ -319,7 +344,8 @@ def evaluate(runner: Runner, work: Path, methods: dict, arms: list[str], runs: l
     base_ckpt = base_dir / "checkpoints" / tag_for(steps["base"])
     export = work / "export" / "base"
     if runner.dry_run or not (export / "config.json").is_file():
-        runner.longtrain("export base", ["export", base_ckpt, export, "--dtype", "fp32", "--overwrite", "--no-progress"])
+        runner.longtrain("export base", ["export", base_ckpt, export, "--dtype", "fp32", "--overwrite",
+                                         "--no-progress"])
     results = {}
     heldout = work / "corpus" / "heldout"
     # Held-out perplexity at L of the base along its training (is it converged?).
@@ -333,7 +359,7 @@ def evaluate(runner: Runner, work: Path, methods: dict, arms: list[str], runs: l
         models = [("base-128", export)]
         for tf in arm.get("training_free", []):
             folder = work / "export" / "training_free" / f"{arm_name}_{tf['name']}"
-            if not runner.dry_run:
+            if not runner.dry_run and not _variant_current(folder, export, tf["rope"]):
                 write_rope_variant(export, folder, tf["rope"], BASE_L)
             models.append((f"{tf['name']} (no training)", folder))
         models += [(f"{r['method']} s{r['seed']}", work / "runs" / r["dir"]) for r in runs if r["arm"] == arm_name]
