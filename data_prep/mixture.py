@@ -82,7 +82,3 @@ class WeightSampler:
             out += self._prefix(self.held_passed, error)
         self.held_taken = self.held_passed = None
         return out
-
-    @property
-    def realized(self) -> float:
-        return self.tokens_out / self.tokens_in if self.tokens_in else 0.0

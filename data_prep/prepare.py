@@ -10,11 +10,11 @@ into place at the end, so a folder named ``--out`` is always complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_prep import __version__
@@ -139,17 +139,24 @@ class _Split:
         return cls(writer, counts, make_packer(cfg.strategy, cfg.seq_len, rows, cfg.stride, cfg.pack_buffer_tokens))
 
 
-@dataclass
-class _Totals:
-    documents_read: int = 0
-    blank_lines: int = 0
-    skipped: dict = field(default_factory=dict)
-    filtered: dict = field(default_factory=dict)
-    documents_truncated: int = 0
-    tokens_truncated: int = 0
-    documents_train: int = 0
-    documents_validation: int = 0
-    tokens_read: int = 0
+def _totals(source_stats: list[SourceStats]) -> dict:
+    """The run's counts: sums of the per-source ones (each document is counted once, per source)."""
+    def summed(field_name: str) -> int:
+        return sum(getattr(s, field_name) for s in source_stats)
+
+    def merged(field_name: str) -> dict:
+        total = Counter()
+        for s in source_stats:
+            total.update(getattr(s, field_name))
+        return dict(sorted(total.items()))
+
+    return {
+        "documents_read": summed("documents_read"), "blank_lines": summed("blank_lines"),
+        "documents_skipped": merged("skipped"), "documents_filtered": merged("filtered"),
+        "documents_cut_by_weight": summed("documents_cut_by_weight"),
+        "documents_train": summed("documents_train"), "documents_validation": summed("documents_validation"),
+        "tokens_read": summed("tokens_train_in") + summed("tokens_validation"),
+    }
 
 
 class _Run:
@@ -162,7 +169,8 @@ class _Run:
             raise DataPrepError(f"--add-eos: the tokenizer {tok.file} has no EOS token; pass --no-add-eos")
         self.n_special = int(self.add_bos) + int(cfg.add_eos)
         self.padding = _padding(tok)
-        self.totals, self.hist = _Totals(), LengthHistogram()
+        self.hist = LengthHistogram()
+        self.documents_truncated = self.tokens_truncated = 0  # run-wide only (meta.json has no per-source field)
         self.read_opts = ReadOptions(cfg.text_field, cfg.id_field, cfg.max_doc_bytes)
         self.tokens_seen = 0
         self.warnings: list[str] = []
@@ -171,8 +179,7 @@ class _Run:
     def _skip(self, bad: BadDocument, stats: SourceStats) -> None:
         if not self.cfg.skip_bad:
             raise bad
-        for counts in (self.totals.skipped, stats.skipped):
-            counts[bad.reason] = counts.get(bad.reason, 0) + 1
+        stats.skipped[bad.reason] = stats.skipped.get(bad.reason, 0) + 1
 
     def _batches(self, source, stats: SourceStats, bar):
         """(documents, texts) batches of good documents; bad ones are raised or counted here."""
@@ -183,10 +190,8 @@ class _Run:
                 bar.update(raw.nbytes)
             if raw.text is None and raw.bad is None:
                 stats.blank_lines += 1
-                self.totals.blank_lines += 1
                 continue
             stats.documents_read += 1
-            self.totals.documents_read += 1
             ordinal += 1  # the document's key counts bad ones too, so skipping does not move the split
             if raw.bad is not None:
                 self._skip(raw.bad, stats)
@@ -202,7 +207,7 @@ class _Run:
 
     # -- per document --------------------------------------------------------------------
     def _place(self, key, where: str, tokens, stats: SourceStats, sampler: WeightSampler) -> None:
-        cfg, t = self.cfg, self.totals
+        cfg = self.cfg
         n = len(tokens)
         if n <= self.n_special:
             self._skip(BadDocument("empty", where, "the document has no tokens", "remove empty documents"), stats)
@@ -212,25 +217,21 @@ class _Run:
         if cfg.max_tokens and n > cfg.max_tokens:
             if not cfg.truncate_long:
                 return self._filter("max_tokens", stats)
-            t.documents_truncated += 1
-            t.tokens_truncated += n - cfg.max_tokens
+            self.documents_truncated += 1
+            self.tokens_truncated += n - cfg.max_tokens
             tokens, n = tokens[:cfg.max_tokens], cfg.max_tokens
         self.hist.add(n)
-        t.tokens_read += n
         if is_validation(cfg.seed, stats.index, key, cfg.val_fraction):
-            t.documents_validation += 1
             stats.documents_validation += 1
             stats.tokens_validation += n
             self.splits["validation"].packer.add(tokens)
             return
-        t.documents_train += 1
         stats.documents_train += 1
         for copy in sampler.feed(tokens, key):
             self.splits["train"].packer.add(copy)
 
     def _filter(self, reason: str, stats: SourceStats) -> None:
-        for counts in (self.totals.filtered, stats.filtered):
-            counts[reason] = counts.get(reason, 0) + 1
+        stats.filtered[reason] = stats.filtered.get(reason, 0) + 1
 
     # -- the whole run ---------------------------------------------------------------------
     def execute(self, sources) -> dict:
@@ -269,19 +270,19 @@ class _Run:
         return self._meta(source_stats)
 
     def _meta(self, source_stats) -> dict:
-        cfg, t = self.cfg, self.totals
+        cfg, totals = self.cfg, _totals(source_stats)
         splits = {}
         for name, split in self.splits.items():
             rows = split.writer.close()
             if rows == 0 and name == "validation":
                 shutil.rmtree(self.folder / name)
                 self.warnings.append(f"no document went to the validation split (--val-fraction {cfg.val_fraction}"
-                                     f" of {t.documents_read} documents): no validation/ folder written")
+                                     f" of {totals['documents_read']} documents): no validation/ folder written")
                 continue
             splits[name] = split.counts.as_dict()
         if not splits.get("train", {}).get("rows"):
             raise DataPrepError("no training rows: every document was skipped or filtered "
-                                f"(skipped {t.skipped}, filtered {t.filtered}); check the inputs and options")
+                                f"(skipped {totals['documents_skipped']}, filtered {totals['documents_filtered']}); check the inputs and options")
         sources = []
         for s in source_stats:
             d = asdict(s)
@@ -306,13 +307,12 @@ class _Run:
             "skip_bad": cfg.skip_bad,
             "sources": sources,
             "counts": {
-                "documents_read": t.documents_read, "blank_lines": t.blank_lines,
-                "documents_skipped": dict(sorted(t.skipped.items())),
-                "documents_filtered": dict(sorted(t.filtered.items())),
-                "documents_truncated": t.documents_truncated, "tokens_truncated": t.tokens_truncated,
-                "documents_cut_by_weight": sum(s.documents_cut_by_weight for s in source_stats),
-                "documents_train": t.documents_train, "documents_validation": t.documents_validation,
-                "tokens_read": t.tokens_read,
+                "documents_read": totals["documents_read"], "blank_lines": totals["blank_lines"],
+                "documents_skipped": totals["documents_skipped"], "documents_filtered": totals["documents_filtered"],
+                "documents_truncated": self.documents_truncated, "tokens_truncated": self.tokens_truncated,
+                "documents_cut_by_weight": totals["documents_cut_by_weight"],
+                "documents_train": totals["documents_train"],
+                "documents_validation": totals["documents_validation"], "tokens_read": totals["tokens_read"],
                 "rows": {k: v["rows"] for k, v in splits.items()},
                 "padding_tokens": {k: v["padding_tokens"] for k, v in splits.items()},
                 "non_target_tokens": {k: v["non_target_tokens"] for k, v in splits.items()},
@@ -353,7 +353,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         raise
     for line in summary_lines(meta):
         log(line)
-    tokens = sum(s["tokens_train_in"] + s["tokens_validation"] for s in meta["sources"])
+    tokens = meta["counts"]["tokens_read"]
     log(f"{tokens:,} document tokens in {run.elapsed:.1f} s ({tokens / max(run.elapsed, 1e-9) / 1e3:,.0f}k tok/s); "
         f"wrote {out}")
     return meta
@@ -367,9 +367,3 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-
-
-def realized_weight_error(meta: dict) -> float:
-    """Largest relative error between requested and realized source weights (for tests/reports)."""
-    errs = [abs(s["weight_realized"] / s["weight"] - 1) for s in meta["sources"] if s["weight_realized"] is not None]
-    return max(errs) if errs else math.nan

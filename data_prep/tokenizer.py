@@ -203,10 +203,6 @@ def _splits_at_spaces_safely(model_file: Path) -> bool:
     return not any("\u2581" in p.piece.lstrip("\u2581") for p in proto.pieces)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer(path)
-
-
 def tokenizer_identity(path: str | Path) -> dict:
     """``{"path", "kind", "sha256", "vocab_size", "bos_id", "eos_id", "pad_id"}`` as meta.json records it.
 

@@ -58,7 +58,7 @@ class TokenizerConfig:
             raise DataPrepError(f"--max-chars {self.max_chars}: at least 1000")
 
 
-def sample_sentences(cfg: TokenizerConfig, log=print) -> tuple[list[str], dict]:
+def sample_sentences(cfg: TokenizerConfig) -> tuple[list[str], dict]:
     """Lines sampled uniformly (seeded) from all documents, at most ``max_chars`` characters."""
     sources = [resolve_source(spec, i) for i, spec in enumerate(cfg.inputs)]
     total = sum(s.total_bytes for s in sources)
@@ -97,7 +97,7 @@ def train_tokenizer(cfg: TokenizerConfig, log=print) -> dict:
     if target.exists() and not cfg.overwrite:
         raise DataPrepError(f"--out {out}: already holds tokenizer.model; pass --overwrite to replace it")
     start = time.monotonic()
-    sentences, counts = sample_sentences(cfg, log)
+    sentences, counts = sample_sentences(cfg)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

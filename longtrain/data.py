@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.writer import COLUMNS  # the dataset contract's columns (DESIGN.md section 2)
 from longtrain.config import ConfigError, StageConfig
-
-COLUMNS = ("input_ids", "doc_lens", "loss_mask")
 
 
 class PreparedDataset:
