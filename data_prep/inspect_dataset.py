@@ -12,7 +12,7 @@ import numpy as np
 
 from data_prep.errors import DataPrepError
 from data_prep.stats import summary_lines
-from data_prep.tokenizer import Tokenizer, file_sha256
+from data_prep.tokenizer import Tokenizer
 
 MASK_OPEN, MASK_CLOSE = "⟦", "⟧"
 
@@ -93,7 +93,7 @@ def inspect_dataset(folder: str, row: int = 0, split: str = "train", chars: int 
     tok_path = tokenizer or meta["tokenizer"]["path"]
     try:
         tok = Tokenizer(tok_path)
-        if file_sha256(tok.file) != meta["tokenizer"]["sha256"]:
+        if tok.sha256 != meta["tokenizer"]["sha256"]:
             log(f"warning: {tok.file} differs from the tokenizer this dataset was made with (sha256)")
     except DataPrepError as exc:
         log(f"cannot decode ({exc}); showing token ids. Pass --tokenizer PATH.")

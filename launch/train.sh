@@ -44,6 +44,13 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 ARGS=(train --config "$CONFIG" --run-dir "$RUN_DIR" "${EXTRA[@]}")
 
+if [ "$LAUNCHER" = deepspeed ] && [ "$NNODES" -gt 1 ] && [ -z "$HOSTFILE" ]; then
+  # Without a hostfile the deepspeed launcher starts a single-node job: each node would train alone.
+  echo "--nnodes $NNODES with the deepspeed launcher needs --hostfile (the world's hosts and slots);" \
+       "or use --launcher torchrun" >&2
+  exit 2
+fi
+
 case "$LAUNCHER" in
   deepspeed)
     if [ -n "$HOSTFILE" ] && [ "$NNODES" -gt 1 ]; then

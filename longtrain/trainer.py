@@ -396,7 +396,9 @@ class Trainer:
         stage = self.cfg.stages[index]
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        counts = torch.tensor([float(sum(b.num_targets for b in batches))], dtype=torch.float64)
+        # Collective inputs live on the training device: NCCL has no CPU tensors (gloo: the device is the CPU).
+        dev = self.device
+        counts = torch.tensor([float(sum(b.num_targets for b in batches))], dtype=torch.float64, device=dev)
         dist.all_reduce(counts)
         global_targets = counts.item()
         if global_targets == 0:
@@ -404,22 +406,21 @@ class Trainer:
         # engine.backward divides by grad_accum and ZeRO averages over all ranks: undo both so the
         # gradient is d(global loss sum / global targets) exactly (docs/internals.md, "Loss contract").
         scale = self.world * len(batches) / max(global_targets, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device: no sync per micro-batch
         sum_sq = 0
         # Every SP rank sees the row's global cu_seqlens: count the documents on one SP rank only.
         count_docs = self.parallel[stage.sp_size].sp_rank == 0
         for i, batch in enumerate(batches):
-            dev = self.device
             local = engine(batch.input_ids.to(dev), batch.position_ids.to(dev), batch.labels.to(dev),
                            batch.cu_seqlens.to(dev), batch.max_seqlen)
             engine.backward(local * scale)
             if apply_update or i < len(batches) - 1:
                 engine.step()
-            loss_sum += local.detach().double().cpu()
+            loss_sum += local.detach().double()
             if count_docs:
                 lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
                 sum_sq += int((lens * lens).sum())
-        totals = torch.stack([loss_sum, torch.tensor(float(sum_sq), dtype=torch.float64)])
+        totals = torch.stack([loss_sum, torch.tensor(float(sum_sq), dtype=torch.float64, device=dev)])
         dist.all_reduce(totals)
         grad_norm = engine.get_global_grad_norm() if apply_update else None
         return {"loss": totals[0].item() / max(global_targets, 1.0), "targets": global_targets,
@@ -498,7 +499,7 @@ class Trainer:
         progress.stages[index].update(name=stage.name, seq_len=stage.seq_len, rope=dict(stage.rope))
 
     def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.signal_name else 0.0])
+        flag = torch.tensor([1.0 if self.stop.signal_name else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.stop.signal_name is None:
             self.stop.signal_name = "signal on another rank"

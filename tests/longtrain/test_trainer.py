@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 
+import subprocess
+
 import pytest
 import torch
 import yaml
@@ -69,6 +71,15 @@ def test_two_ranks_zero2_simulated_two_nodes_match_one_process(tmp_path, baselin
         assert proc.wait(timeout=600) == 0, (tmp_path / f"node{node_rank}.log").read_text()[-4000:]
     _assert_losses_match(runs.losses(run_dir), runs.losses(baseline_run), rel=1e-6)
     assert runs.rows_per_step(run_dir) == runs.rows_per_step(baseline_run)  # same global batches
+
+
+def test_train_sh_refuses_several_nodes_without_a_hostfile(tmp_path):
+    """The deepspeed launcher without a hostfile starts a one-node job: every node would train alone."""
+    cmd = ["bash", str(runs.REPO_ROOT / "launch" / "train.sh"), "configs/tiny_cpu.yaml", str(tmp_path / "run"),
+           "--nnodes", "2", "--node-rank", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--nnodes 2 with the deepspeed launcher needs --hostfile" in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
