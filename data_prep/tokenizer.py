@@ -211,3 +211,12 @@ def tokenizer_identity(path: str | Path) -> dict:
     tokenizer.json differ in bytes, so compare ``vocab_size`` and the special ids then.
     """
     return Tokenizer(path).identity()
+
+
+def identity_mismatches(recorded: dict, ours: dict) -> list[tuple[str, object, object]]:
+    """``(key, recorded value, our value)`` for each way ``ours`` differs from the tokenizer a dataset
+    recorded (both dicts as :meth:`Tokenizer.identity` writes them): ``vocab_size``, ``bos_id`` and
+    ``eos_id`` always, ``sha256`` when both are the same kind of file (a SentencePiece model and its
+    converted tokenizer.json differ in bytes). A key the dataset did not record is not compared."""
+    keys = ["vocab_size", "bos_id", "eos_id"] + (["sha256"] if recorded.get("kind") == ours.get("kind") else [])
+    return [(k, recorded[k], ours.get(k)) for k in keys if recorded.get(k) is not None and recorded[k] != ours.get(k)]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.tokenizer import identity_mismatches
 from data_prep.writer import COLUMNS  # the dataset contract's columns (DESIGN.md section 2)
 from longtrain.config import ConfigError, StageConfig
 
@@ -75,17 +76,12 @@ def check_stage_dataset(dataset: PreparedDataset, stage: StageConfig, where: str
                           f"embedding size {vocab_size}")
     if tokenizer_identity is None:
         return
-    same_kind = data_tok.get("kind") == tokenizer_identity.get("kind")
-    if same_kind and data_tok.get("sha256") and data_tok.get("sha256") != tokenizer_identity.get("sha256"):
-        mismatch = (f"sha256 {str(data_tok.get('sha256'))[:12]}... vs "
-                    f"{str(tokenizer_identity.get('sha256'))[:12]}...")
-    else:
-        # A .model and its converted tokenizer.json differ in bytes: compare what the trainer relies on.
-        keys = ("vocab_size", "bos_id", "eos_id")
-        diffs = [f"{k} {data_tok.get(k)} vs {tokenizer_identity.get(k)}" for k in keys
-                 if data_tok.get(k) is not None and data_tok.get(k) != tokenizer_identity.get(k)]
-        mismatch = ", ".join(diffs) if diffs else None
-    if mismatch:
+    diffs = identity_mismatches(data_tok, tokenizer_identity)
+    if diffs:
+        def show(key: str, value) -> str:
+            return f"{str(value)[:12]}..." if key == "sha256" else str(value)
+
+        mismatch = ", ".join(f"{k} {show(k, theirs)} vs {show(k, ours)}" for k, theirs, ours in diffs)
         raise ConfigError(
             f"{where}.data {dataset.path} was tokenized with {data_tok.get('path')}, but the model's tokenizer "
             f"is {tokenizer_identity.get('path')} ({mismatch}); prepare the data with the model's tokenizer "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.tokenizer import identity_mismatches
 from longtrain.eval.tokenizer import EvalTokenizer
 
 log = logging.getLogger(__name__)
@@ -97,23 +98,19 @@ def _expand(arg: str) -> tuple[list[Path], bool]:
 
 
 def _read_prepared(folder: Path) -> EvalData:
-    from datasets import load_from_disk
+    from longtrain.data import PreparedDataset  # errors are ConfigError, a ValueError
 
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text())
     split = "validation" if (folder / "validation").is_dir() else "train"
-    if not (folder / split).is_dir():
-        raise ValueError(f"--data {folder}: prepared dataset without validation/ or train/")
     if split == "train":
         log.warning("%s has no validation/ split: evaluating on train/ rows (not held out)", folder)
-    ds = load_from_disk(str(folder / split)).with_format("numpy", columns=["input_ids", "doc_lens", "loss_mask"])
+    ds = PreparedDataset(folder, split)
     pieces = []
-    for row in ds:
+    for row in ds.table:
         ends = np.cumsum(row["doc_lens"])
         for start, end in zip(np.concatenate([[0], ends[:-1]]), ends):
             if row["loss_mask"][start:end].any():
                 pieces.append(np.asarray(row["input_ids"][start:end], dtype=np.int64))
-    return EvalData([str(folder / split)], pieces=pieces, meta_path=meta_path, meta=meta)
+    return EvalData([str(folder / split)], pieces=pieces, meta_path=folder / "meta.json", meta=ds.meta)
 
 
 def read_data(paths: list[str]) -> EvalData:
@@ -141,16 +138,13 @@ def _check_dataset_tokenizer(data: EvalData, tokenizer: EvalTokenizer) -> None:
     """A prepared dataset must have been tokenized with the model's tokenizer (meta.json identity)."""
     ident = (data.meta or {}).get("tokenizer")
     ident = ident if isinstance(ident, dict) else {}
-    checks = [("vocab_size", tokenizer.vocab_size), ("bos_id", tokenizer.bos_id)]
-    if ident.get("kind") == tokenizer.kind:  # a .model and its converted tokenizer.json differ in bytes
-        checks.append(("sha256", tokenizer.sha256))
-    for key, ours in checks:
-        theirs = ident.get(key)
-        if theirs is not None and ours is not None and theirs != ours:
-            raise ValueError(
-                f"{data.meta_path}: tokenizer.{key} = {theirs!r} but the model's tokenizer "
-                f"({tokenizer.path}) has {ours!r}; evaluate with a dataset prepared with the model's "
-                f"tokenizer, or pass the raw text files instead")
+    diffs = identity_mismatches(ident, tokenizer.identity())
+    if diffs:
+        key, theirs, ours = diffs[0]
+        raise ValueError(
+            f"{data.meta_path}: tokenizer.{key} = {theirs!r} but the model's tokenizer "
+            f"({tokenizer.path}) has {ours!r}; evaluate with a dataset prepared with the model's "
+            f"tokenizer, or pass the raw text files instead")
 
 
 def tokenize_documents(data: EvalData, tokenizer: EvalTokenizer) -> list[np.ndarray]:

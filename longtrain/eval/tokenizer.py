@@ -39,6 +39,13 @@ class EvalTokenizer:
         return self._impl.bos_token_id
 
     @property
+    def eos_id(self) -> int | None:
+        if self.backend == "sentencepiece":
+            eos = self._impl.eos_id()
+            return eos if eos >= 0 else None
+        return self._impl.eos_token_id
+
+    @property
     def vocab_size(self) -> int:
         if self.backend == "sentencepiece":
             return self._impl.vocab_size()
@@ -55,6 +62,11 @@ class EvalTokenizer:
         if self.backend == "sentencepiece":
             return self._impl.decode(ids)
         return self._impl.decode(ids, skip_special_tokens=True)
+
+    def identity(self) -> dict:
+        """The keys data prep's meta.json records for its tokenizer (compare with ``identity_mismatches``)."""
+        return {"path": self.path, "kind": self.kind, "sha256": self.sha256, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
 
     def describe(self) -> dict:
         return {"path": self.path, "backend": self.backend, "vocab_size": self.vocab_size,
