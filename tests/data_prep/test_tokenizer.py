@@ -151,3 +151,15 @@ def test_chunked_encoding_own_tokenizer_and_unsafe_models(tmp_path, corpus, tiny
     unsafe = Tokenizer(tmp_path / "nd.model")
     assert not unsafe.chunked
     assert [c.tolist() for c in unsafe.encode_batch(texts, False, False)] == unsafe._sp.encode(texts)
+
+
+def test_identity_mismatches_compare_bytes_only_within_a_kind():
+    from data_prep.tokenizer import identity_mismatches
+
+    spm = {"kind": "sentencepiece", "sha256": "a" * 64, "vocab_size": 2048, "bos_id": 1, "eos_id": 2}
+    assert identity_mismatches(spm, dict(spm)) == []
+    assert identity_mismatches(spm, dict(spm, sha256="b" * 64)) == [("sha256", "a" * 64, "b" * 64)]
+    # Its converted tokenizer.json: other bytes, same ids -> the same tokenizer.
+    assert identity_mismatches(spm, dict(spm, kind="hf", sha256="b" * 64)) == []
+    assert identity_mismatches(spm, dict(spm, kind="hf", eos_id=None)) == [("eos_id", 2, None)]
+    assert identity_mismatches({"vocab_size": 32000}, spm) == [("vocab_size", 32000, 2048)]  # only what was recorded
