@@ -40,16 +40,29 @@ def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / COMPLETE_FILE).is_file() and (tag_dir / STATE_FILE).is_file()
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete tag folders under ``root``, oldest first (by step)."""
+def is_tag_dir(path: Path) -> bool:
+    """One checkpoint's folder (complete or not), as opposed to a run or ``checkpoints/`` folder."""
+    return ((path.name.startswith("step_") and path.name[5:].isdigit())
+            or (path / STATE_FILE).exists() or (path / COMPLETE_FILE).exists())
+
+
+def checkpoints_root(path: Path) -> Path:
+    """Where a run keeps its tag folders: ``path/checkpoints`` for a run folder, else ``path`` itself."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def tag_dirs(root: Path) -> list[Path]:
+    """Every tag folder under ``root``, complete or cut off mid-write, oldest first (by step)."""
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _TAG_RE.match(child.name)
-        if match and child.is_dir() and is_complete(child):
-            found.append((int(match.group(1)), child))
+    found = [(int(match.group(1)), child) for child in root.iterdir()
+             if (match := _TAG_RE.match(child.name)) and child.is_dir()]
     return [path for _, path in sorted(found)]
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete tag folders under ``root``, oldest first (by step)."""
+    return [path for path in tag_dirs(root) if is_complete(path)]
 
 
 def latest_complete(root: Path) -> Path | None:
@@ -62,16 +75,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: does not exist")
-    if _TAG_RE.match(path.name) or (path / STATE_FILE).exists():
+    if is_tag_dir(path):
         if not is_complete(path):
             raise CheckpointError(
                 f"{path}: checkpoint is incomplete (no {COMPLETE_FILE} marker: it was cut off while being "
                 "written); use an earlier one")
         return path
-    for root in (path / "checkpoints", path):
-        latest = latest_complete(root)
-        if latest is not None:
-            return latest
+    latest = latest_complete(checkpoints_root(path))
+    if latest is not None:
+        return latest
     raise CheckpointError(f"{path}: no complete longtrain checkpoint found (expected a run folder, its "
                           "checkpoints/ folder, or a step_XXXXXXXX folder with a COMPLETE marker)")
 
@@ -161,10 +173,8 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
     newest = done[-1] if done else None
-    for child in root.iterdir() if root.is_dir() else []:
-        match = _TAG_RE.match(child.name)
-        if match and child.is_dir() and not is_complete(child) and newest is not None \
-                and child.name < newest.name:
+    for child in tag_dirs(root):
+        if newest is not None and child.name < newest.name and not is_complete(child):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from longtrain import checkpoint
 from longtrain.eval.tokenizer import EvalTokenizer, load_tokenizer
+from longtrain.export.files import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EvalLoadError(ValueError):
@@ -32,15 +33,11 @@ class EvalModel:
     model: nn.Module  # a transformers *ForCausalLM in eval mode
     tokenizer: EvalTokenizer
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
 
 def model_kind(path: str | Path) -> str:
     """'checkpoint' for a longtrain run dir or tag folder, 'hf' for a HF folder (or a Hub name)."""
     p = Path(path)
-    if (p / "longtrain_state.json").is_file() or (p / "checkpoints").is_dir():
+    if (p / checkpoint.STATE_FILE).is_file() or (p / "checkpoints").is_dir() or checkpoint.complete_checkpoints(p):
         return "checkpoint"
     if p.is_dir() and not (p / "config.json").is_file():
         raise EvalLoadError(
@@ -50,18 +47,6 @@ def model_kind(path: str | Path) -> str:
     return "hf"
 
 
-def _load_checkpoint(path: str):
-    try:
-        from longtrain.export import load_checkpoint_model
-    except ImportError as exc:
-        raise EvalLoadError(
-            f"MODEL {path} is a longtrain training checkpoint; evaluating one needs "
-            f"longtrain.export.load_checkpoint_model, which is not available in this install ({exc}). "
-            f"Export the checkpoint first (`longtrain export`) and evaluate the exported folder") from exc
-    model, tokenizer_path = load_checkpoint_model(path)
-    return model, tokenizer_path
-
-
 def load_eval_model(path: str, name: str | None = None, device: str = "cpu", dtype: str = "fp32",
                     attn_implementation: str = "sdpa") -> EvalModel:
     """Load MODEL (exported HF folder, Hub name, longtrain run dir or checkpoint tag folder)."""
@@ -69,7 +54,9 @@ def load_eval_model(path: str, name: str | None = None, device: str = "cpu", dty
         raise EvalLoadError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     kind = model_kind(path)
     if kind == "checkpoint":
-        model, tokenizer_path = _load_checkpoint(path)
+        from longtrain.export import load_checkpoint_model  # imports deepspeed: only when needed
+
+        model, tokenizer_path = load_checkpoint_model(path)
         check_rotary_matches_config(model, path)  # before the cast: bf16 would blur the comparison
         model = model.to(dtype=DTYPES[dtype])
         # a training model may carry longtrain's packed-row attention; eval feeds plain rows
@@ -82,9 +69,9 @@ def load_eval_model(path: str, name: str | None = None, device: str = "cpu", dty
                 path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
         except OSError as exc:
             raise EvalLoadError(f"MODEL {path}: cannot load it as a HF causal LM ({exc})") from exc
+        check_rotary_matches_config(model, path)
         tokenizer_path = path
     model = model.to(device).eval()
-    check_rotary_matches_config(model, path)
     reset_rotary_embeddings(model)
     return EvalModel(name or Path(path).name, str(path), kind, model, load_tokenizer(tokenizer_path))
 

@@ -33,15 +33,13 @@ def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[s
     if not path.is_dir():
         raise ExportError(f"CHECKPOINT {path}: is a file; pass a run folder, its checkpoints/ folder or a "
                           f"step_XXXXXXXX checkpoint folder")
-    is_tag = ((path / checkpoint.STATE_FILE).exists() or (path / checkpoint.COMPLETE_FILE).exists()
-              or (path.name.startswith("step_") and path.name[5:].isdigit()))
-    if is_tag:
+    if checkpoint.is_tag_dir(path):
         if tag is not None and _tag_of(tag) != path.name:
             raise ExportError(f"--tag {tag}: CHECKPOINT {path} is already one checkpoint ({path.name}); pass its run "
                               f"folder to choose another tag")
         tag_dir = path
     else:
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        root = checkpoint.checkpoints_root(path)
         done = checkpoint.complete_checkpoints(root)
         names = [d.name for d in done]
         if tag is not None:
@@ -51,7 +49,7 @@ def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[s
                                   f"{', '.join(names) or 'none'}")
         elif done:
             tag_dir = done[-1]
-            newer = sorted(p.name for p in root.glob("step_*") if p.is_dir() and p.name > tag_dir.name)
+            newer = [p.name for p in checkpoint.tag_dirs(root) if p.name > tag_dir.name]
             if newer:
                 log(f"note: skipping {', '.join(newer)} (no {checkpoint.COMPLETE_FILE} marker: cut off while being "
                     f"written); exporting {tag_dir.name}")
