@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data_prep.tokenizer import resolve_tokenizer_file
 from longtrain import checkpoint
 from longtrain.config import ConfigError, RunConfig, StageConfig, dump_config
 from longtrain.data import PreparedDataset, StageOrder, StepLayout, check_stage_dataset
@@ -491,12 +492,14 @@ class Trainer:
                 dist.destroy_process_group()
 
     def _ensure_stage_record(self, progress: Progress, index: int) -> None:
-        stage = self.cfg.stages[index]
+        """The checkpointed record of every stage begun; a resumed run's overrides (``--set``) update it."""
+        def setting(stage: StageConfig) -> dict:
+            return {"name": stage.name, "seq_len": stage.seq_len, "rope": dict(stage.rope),
+                    "sp_size": stage.sp_size, "data": stage.data}
+
         while len(progress.stages) <= index:
-            s = self.cfg.stages[len(progress.stages)]
-            progress.stages.append({"name": s.name, "seq_len": s.seq_len, "rope": dict(s.rope),
-                                    "sp_size": s.sp_size, "steps_done": 0, "tokens": 0, "data": s.data})
-        progress.stages[index].update(name=stage.name, seq_len=stage.seq_len, rope=dict(stage.rope))
+            progress.stages.append({**setting(self.cfg.stages[len(progress.stages)]), "steps_done": 0, "tokens": 0})
+        progress.stages[index].update(setting(self.cfg.stages[index]))
 
     def _agree_to_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.stop.signal_name else 0.0], device=self.device)
@@ -570,7 +573,9 @@ def _copy_tokenizer(source: Path, dest: Path) -> None:
     """Keep the run's tokenizer with the run (export and eval need it; the source may move)."""
     dest.mkdir(parents=True, exist_ok=True)
     if source.is_file():
-        shutil.copy2(source, dest / ("tokenizer.model" if source.suffix == ".model" else source.name))
+        # Under the standard name of its kind, which is what export and eval look for.
+        _, kind = resolve_tokenizer_file(source)
+        shutil.copy2(source, dest / ("tokenizer.json" if kind == "hf" else "tokenizer.model"))
         return
     for child in source.iterdir():
         if child.is_file() and (child.name.startswith("tokenizer") or child.name in

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 
 from longtrain.export.card import model_card
-from longtrain.export.consolidate import (build_model, consolidate_state_dict, read_hf_config, read_state,
-                                          select_checkpoint, stage_rope)
+from longtrain.export.consolidate import (build_model, consolidate_state_dict, current_stage, read_hf_config,
+                                          read_state, select_checkpoint, stage_rope)
 from longtrain.export.errors import ExportError, VerificationError
 from longtrain.export.files import (DTYPES, tensors_to_save, write_config, write_generation_config, write_weights,
                                     yarn_compat_note)
@@ -170,7 +170,7 @@ def _check_tokenizer_of_run(staging: Path, source: Path, ids: torch.Tensor,
 
 
 def _dataset_adds_bos(state: dict[str, Any]) -> bool:
-    stage = (state.get("stages") or [{}])[int(state.get("stage_index", 0))]
+    _, stage = current_stage(state)
     try:
         meta = json.loads((Path(stage["data"]) / "meta.json").read_text(encoding="utf-8"))
         return bool(meta.get("add_bos", False))

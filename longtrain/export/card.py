@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from longtrain.export.consolidate import current_stage
 from longtrain.export.verify import Verification
 
 
@@ -20,7 +21,7 @@ def _rope_text(rope: dict[str, Any]) -> str:
 def model_card(out_name: str, tag_dir: Path, state: dict[str, Any], hf_config, dtype: str, n_params: int,
                tokenizer: dict[str, Any] | None, verification: Verification | None, notes: list[str]) -> str:
     stages = state.get("stages") or []
-    index = int(state.get("stage_index", len(stages) - 1))
+    index, _ = current_stage(state, tag_dir)
     planned = (state.get("config") or {}).get("stages") or []
     source = state.get("source_model") or "unknown"
     rows = [f"| {i + 1} | {s.get('name')} | {s.get('seq_len')} | {_rope_text(s.get('rope', {}))} | "

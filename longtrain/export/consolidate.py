@@ -190,24 +190,31 @@ def build_model(hf_config, state_dict: dict[str, torch.Tensor], where: Path):
     return model.eval()
 
 
+def current_stage(state: dict[str, Any], tag_dir: Path | None = None) -> tuple[int, dict[str, Any]]:
+    """``(index, record)`` of the stage a checkpoint reached, from its ``longtrain_state.json``."""
+    stages = state.get("stages") or []
+    index = int(state.get("stage_index", len(stages) - 1))
+    if not 0 <= index < len(stages):
+        where = f"{tag_dir}/{checkpoint.STATE_FILE}" if tag_dir is not None else checkpoint.STATE_FILE
+        raise ExportError(f"{where}: stage_index {index} but {len(stages)} stage records")
+    return index, stages[index]
+
+
 def stage_rope(tag_dir: Path, state: dict[str, Any], hf_config) -> tuple[dict[str, Any], int]:
     """The RoPE parameters and max_position_embeddings of the stage the checkpoint reached, from the
     stage's own setting in ``longtrain_state.json``; refuses an ``hf_config`` that disagrees."""
     from longtrain.rope import rope_parameters
 
-    stages = state.get("stages") or []
-    index = int(state.get("stage_index", len(stages) - 1))
-    if not 0 <= index < len(stages):
-        raise ExportError(f"{tag_dir}/{checkpoint.STATE_FILE}: stage_index {index} but {len(stages)} stage records")
+    index, stage = current_stage(state, tag_dir)
     saved = dict(hf_config.rope_parameters)
     original = saved.get("original_max_position_embeddings", hf_config.max_position_embeddings)
     try:
-        params = rope_parameters(stages[index]["rope"], original_max_position_embeddings=original)
+        params = rope_parameters(stage["rope"], original_max_position_embeddings=original)
     except (KeyError, ValueError) as exc:
         raise ExportError(f"{tag_dir}/{checkpoint.STATE_FILE}: stage {index} has no valid rope setting "
                           f"({exc})") from None
     differ = {k: (v, saved.get(k)) for k, v in params.items() if saved.get(k) != v}
     if differ:
         raise ExportError(f"{tag_dir}: hf_config/config.json rope_parameters {saved} disagree with stage "
-                          f"{stages[index].get('name')!r} ({stages[index]['rope']}): {differ}")
+                          f"{stage.get('name')!r} ({stage['rope']}): {differ}")
     return params, int(hf_config.max_position_embeddings)

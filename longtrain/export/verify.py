@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from longtrain.export.consolidate import current_stage
 from longtrain.export.errors import VerificationError
 from longtrain.export.files import legacy_rope_keys
 
@@ -67,7 +68,7 @@ def sample_inputs(state: dict[str, Any], vocab_size: int, context: int, rows: in
     import numpy as np
 
     length = max(1, min(tokens, context))
-    stage = (state.get("stages") or [{}])[int(state.get("stage_index", 0))]
+    _, stage = current_stage(state)
     data = stage.get("data")
     ids, source = None, "deterministic random ids"
     if data:

@@ -208,3 +208,15 @@ def test_continue_a_pretrained_folder_zero3_partitioned_load_matches_one_process
     assert len(want) == len(got) == 4
     assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(got, want)), (got, want)
     assert (tmp_path / "z3" / "tokenizer" / "tokenizer.model").is_file()
+
+
+def test_run_keeps_its_tokenizer_under_the_standard_name(tmp_path):
+    """model.tokenizer may be any .json / SentencePiece file name; export and eval look for the standard ones."""
+    from longtrain.trainer import _copy_tokenizer
+
+    for name, standard in (("my_tok.json", "tokenizer.json"), ("spm_32k.spm", "tokenizer.model")):
+        source = tmp_path / name
+        source.write_bytes(name.encode())
+        _copy_tokenizer(source, tmp_path / f"run_{standard}")
+        assert [p.name for p in (tmp_path / f"run_{standard}").iterdir()] == [standard]
+        assert (tmp_path / f"run_{standard}" / standard).read_bytes() == name.encode()
