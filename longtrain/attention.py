@@ -33,7 +33,7 @@ ATTENTION_NAME = "longtrain"
 VarlenFn = Callable[..., torch.Tensor]
 
 
-def _flash_varlen_fn() -> VarlenFn | None:
+def flash_varlen_fn() -> VarlenFn | None:
     """flash-attn 2's varlen kernel when installed (an optional extra; imported lazily)."""
     from transformers.utils import is_flash_attn_2_available
 
@@ -46,7 +46,7 @@ def _flash_varlen_fn() -> VarlenFn | None:
 
 def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """Which kernel :func:`document_attention` uses for inputs on ``device`` of ``dtype`` (for logs)."""
-    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen_fn():
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_varlen_fn():
         return "flash_attn_varlen_func"
     return "per-document causal sdpa loop"
 
@@ -143,7 +143,7 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
     if varlen_fn is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        varlen_fn = _flash_varlen_fn()
+        varlen_fn = flash_varlen_fn()
     if varlen_fn is not None:  # no value checks of cu_seqlens here: they would sync the GPU in every layer
         return _varlen_documents(q, k, v, cu_seqlens, max_seqlen, scaling, dropout, sliding_window, varlen_fn)
     lengths = _segment_lengths(cu_seqlens, q.shape[2], max_seqlen)

@@ -30,9 +30,6 @@ class CommCounter:
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
 
-    def as_dict(self) -> dict:
-        return {"bytes": dict(self.bytes), "calls": dict(self.calls), "total_bytes": self.total_bytes}
-
 
 @contextlib.contextmanager
 def count_comm() -> Iterator[CommCounter]:

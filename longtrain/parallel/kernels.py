@@ -106,14 +106,21 @@ def math_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
 @functools.lru_cache(maxsize=1)
 def _flash_attn():
-    try:
-        from flash_attn import flash_attn_interface  # optional extra: pip install longtrain[flash]
-    except ImportError:
+    # The same availability test as the single-device path (transformers' check of the installed
+    # version), so ring and document attention never disagree on whether flash-attn is usable.
+    from longtrain.attention import flash_varlen_fn
+
+    if flash_varlen_fn() is None:  # optional extra: pip install longtrain[flash]
         return None
+    from flash_attn import flash_attn_interface
+
     return flash_attn_interface
 
 
+@functools.lru_cache(maxsize=64)
 def _cu(n: int, device) -> Tensor:
+    """cu_seqlens of one sequence of n tokens, built once per (n, device): a fresh host-to-device
+    copy in every block call would make the CPU wait for the GPU (the kernels only read it)."""
     return torch.tensor([0, n], dtype=torch.int32, device=device)
 
 

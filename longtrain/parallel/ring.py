@@ -32,6 +32,7 @@ import torch
 
 from .comm import RingExchange
 from .kernels import block_backward, block_forward
+from .sharding import zigzag_chunks
 from .state import ParallelState
 
 Tensor = torch.Tensor
@@ -45,11 +46,6 @@ class Block(NamedTuple):
     k_lo: int
     k_hi: int
     causal: bool
-
-
-def zigzag_chunks(sp_size: int, sp_rank: int) -> tuple[int, int]:
-    """The two chunk indices (of ``2 * sp_size``) that SP rank ``sp_rank`` holds."""
-    return sp_rank, 2 * sp_size - 1 - sp_rank
 
 
 def _pair_blocks(cu: tuple[int, ...], chunk: int, qc: int, q_off: int, kc: int, k_off: int) -> list[Block]:
@@ -168,10 +164,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, state: P
     """
     if q.shape[0] != 1:
         raise ValueError(f"ring attention expects one packed row (batch 1), got batch {q.shape[0]}")
-    total = int(cu_seqlens[-1])
+    host_cu = tuple(int(x) for x in cu_seqlens.tolist())  # one device-to-host copy (a GPU sync) per call
+    total = host_cu[-1]
     if total != q.shape[2] * state.sp_size:
         raise ValueError(f"cu_seqlens ends at {total} but {state.sp_size} ranks x {q.shape[2]} local tokens "
                          f"= {q.shape[2] * state.sp_size}: pass the global cu_seqlens of the sharded batch")
-    plan = ring_plan(tuple(int(x) for x in cu_seqlens.tolist()), state.sp_size, state.sp_rank)
+    plan = ring_plan(host_cu, state.sp_size, state.sp_rank)
     out = _RingAttention.apply(q[0], k[0], v[0], plan, state, scale)  # (H, L, D)
     return out.transpose(0, 1).unsqueeze(0)

@@ -19,6 +19,8 @@ import dataclasses
 
 import torch
 
+from longtrain.batching import IGNORE_INDEX
+
 from .state import ParallelState
 
 MODES = ("ulysses", "ring")
@@ -42,6 +44,12 @@ def padded_length(total: int, sp_size: int, mode: str) -> int:
     return -(-total // m) * m
 
 
+def zigzag_chunks(sp_size: int, sp_rank: int) -> tuple[int, int]:
+    """The two chunk indices (of ``2 * sp_size``) that SP rank ``sp_rank`` holds under the ring's
+    causal load balancing: an early chunk and its mirror, so every rank gets the same attention work."""
+    return sp_rank, 2 * sp_size - 1 - sp_rank
+
+
 def local_token_index(total: int, sp_size: int, sp_rank: int, mode: str) -> torch.Tensor:
     """Global positions (in the padded row of ``total`` tokens) of this rank's local tokens, (L,)."""
     check_mode(mode)
@@ -51,7 +59,7 @@ def local_token_index(total: int, sp_size: int, sp_rank: int, mode: str) -> torc
         size = total // sp_size
         return torch.arange(sp_rank * size, (sp_rank + 1) * size)
     chunk = total // (2 * sp_size)
-    first, second = sp_rank, 2 * sp_size - 1 - sp_rank  # zigzag, see ring.py
+    first, second = zigzag_chunks(sp_size, sp_rank)
     return torch.cat([torch.arange(first * chunk, (first + 1) * chunk),
                       torch.arange(second * chunk, (second + 1) * chunk)])
 
@@ -75,7 +83,7 @@ def pad_batch(batch, multiple: int, pad_token_id: int = 0):
         batch,
         input_ids=extend(batch.input_ids, torch.full((n,), pad_token_id)),
         position_ids=extend(batch.position_ids, torch.arange(n)),
-        labels=extend(batch.labels, torch.full((n,), -100)),
+        labels=extend(batch.labels, torch.full((n,), IGNORE_INDEX)),
         cu_seqlens=torch.cat([cu, cu.new_tensor([total + n])]),
         max_seqlen=max(int(batch.max_seqlen), n),
     )
@@ -109,5 +117,5 @@ def shard_batch(batch, state: ParallelState, mode: str, pad_token_id: int = 0):
         input_ids=padded.input_ids.index_select(1, index),
         position_ids=padded.position_ids.index_select(1, index),
         labels=labels,
-        num_targets=int((labels != -100).sum()),
+        num_targets=int((labels != IGNORE_INDEX).sum()),
     )
