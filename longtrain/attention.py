@@ -158,10 +158,21 @@ def longtrain_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     Reads the document layout from ``cu_seq_lens_q`` / ``max_length_q`` (forwarded by the model from
     its own kwargs) and refuses to run without it: it never silently attends across documents.
     """
+    cu, max_len = document_layout(module, attention_mask, kwargs, ATTENTION_NAME)
+    out = document_attention(query, key, value, cu, max_len, scaling, dropout=dropout,
+                             sliding_window=kwargs.get("sliding_window"))
+    return out, None
+
+
+def document_layout(module: torch.nn.Module, attention_mask: torch.Tensor | None, kwargs: dict,
+                    name: str) -> tuple[torch.Tensor, int]:
+    """``(cu_seqlens, max_seqlen)`` of the packed row from transformers' attention kwargs, for every
+    longtrain attention (single-device, Ulysses, ring), after refusing what they cannot honour (a
+    mask, non-causal attention, softcap, attention sinks) rather than silently computing something else."""
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_len is None:
         raise ValueError(
-            f"attention '{ATTENTION_NAME}' needs the packed row's document layout: call "
+            f"attention '{name}' needs the packed row's document layout: call "
             "model.model(input_ids=..., position_ids=..., use_cache=False, cu_seq_lens_q=batch.cu_seqlens, "
             "cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen) "
             "(docs/internals.md, attention contract)")
@@ -169,16 +180,14 @@ def longtrain_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if cu_k is not None and cu_k is not cu and not torch.equal(cu_k.to(cu.device, cu.dtype), cu):
         raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (self-attention over one packed row)")
     if attention_mask is not None:
-        raise ValueError(f"attention '{ATTENTION_NAME}' takes no attention_mask (got shape "
+        raise ValueError(f"attention '{name}' takes no attention_mask (got shape "
                          f"{tuple(attention_mask.shape)}): documents come from cu_seq_lens_q")
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
-        raise ValueError(f"attention '{ATTENTION_NAME}' is causal only")
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"attention '{ATTENTION_NAME}' does not implement {name}; use another attention")
-    out = document_attention(query, key, value, cu, max_len, scaling, dropout=dropout,
-                             sliding_window=kwargs.get("sliding_window"))
-    return out, None
+        raise ValueError(f"attention '{name}' is causal only")
+    for key in ("softcap", "s_aux"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"attention '{name}' does not implement {key}; use another attention")
+    return cu, int(max_len)
 
 
 def longtrain_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
@@ -194,11 +203,12 @@ def longtrain_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) 
     return None
 
 
-def register_attention(name: str = ATTENTION_NAME) -> str:
-    """Register the attention and its mask function under ``name`` (idempotent); returns ``name``.
+def register_attention(name: str = ATTENTION_NAME, fn: Callable | None = None) -> str:
+    """Register an attention (default: ``longtrain_attention``) and the mask function under ``name``
+    (idempotent); returns ``name``.
 
     Select it with ``model.set_attn_implementation(name)`` or ``from_pretrained(..., attn_implementation=name)``.
     """
-    AttentionInterface.register(name, longtrain_attention)
+    AttentionInterface.register(name, fn or longtrain_attention)
     AttentionMaskInterface.register(name, longtrain_mask)
     return name

@@ -25,36 +25,22 @@ from .ulysses import check_ulysses_heads, ulysses_attention
 ATTENTION_NAMES = {"ulysses": "longtrain_ulysses", "ring": "longtrain_ring"}
 
 
-def _document_layout(kwargs: dict, name: str):
-    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu is None or max_len is None:
-        raise ValueError(
-            f"attention '{name}' needs cu_seq_lens_q/max_length_q in the model forward (the global document "
-            f"layout of the packed row): call model.model(..., use_cache=False, cu_seq_lens_q=batch.cu_seqlens, "
-            f"cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)")
-    return cu, int(max_len)
+def _document_layout(module, attention_mask, dropout: float, kwargs: dict, name: str):
+    """The global document layout of the packed row, with the single-device attention's checks
+    (``longtrain.attention.document_layout``) plus one of its own: no attention dropout across ranks."""
+    from longtrain.attention import document_layout
 
-
-def _check_call(module, attention_mask, dropout: float, kwargs: dict, name: str) -> None:
-    """Refuse what these attentions cannot honour instead of silently computing something else."""
-    if attention_mask is not None:
-        raise ValueError(f"attention '{name}' takes no attention_mask: documents come from cu_seq_lens_q")
-    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
-        raise ValueError(f"attention '{name}' is causal only")
-    for key in ("softcap", "s_aux"):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"attention '{name}' does not implement {key}")
     if dropout:
         raise ValueError(f"attention '{name}' does not implement attention dropout (got {dropout}); "
                          f"set the model config's attention_dropout to 0")
+    return document_layout(module, attention_mask, kwargs, name)
 
 
 def _ulysses_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, state, **kwargs):
     """transformers attention signature: query (1, H, L, D), key/value (1, Hkv, L, D) -> ((1, L, H, D), None)."""
     from longtrain.attention import document_attention  # the single-device kernel, on the full row
 
-    _check_call(module, attention_mask, dropout, kwargs, "longtrain_ulysses")
-    cu, max_len = _document_layout(kwargs, "longtrain_ulysses")
+    cu, max_len = _document_layout(module, attention_mask, dropout, kwargs, "longtrain_ulysses")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     local = functools.partial(document_attention, sliding_window=kwargs.get("sliding_window"))
     return ulysses_attention(query, key, value, cu, max_len, state, scale, local), None
@@ -62,8 +48,7 @@ def _ulysses_hf(module, query, key, value, attention_mask, scaling=None, dropout
 
 def _ring_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, state, **kwargs):
     """transformers attention signature: query (1, H, L, D), key/value (1, Hkv, L, D) -> ((1, L, H, D), None)."""
-    _check_call(module, attention_mask, dropout, kwargs, "longtrain_ring")
-    cu, max_len = _document_layout(kwargs, "longtrain_ring")
+    cu, max_len = _document_layout(module, attention_mask, dropout, kwargs, "longtrain_ring")
     window = kwargs.get("sliding_window")
     if window is not None and window < max_len:
         raise ValueError(f"attention 'longtrain_ring' does not implement sliding windows (window {window} < "
@@ -87,22 +72,14 @@ def parallelize_attention(model, state: ParallelState, mode: str = "ulysses") ->
     this at every stage start whatever the stage's ``sp_size``.
     """
     # imported here: transformers costs seconds to import and only this entry point needs it
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from longtrain.attention import register_attention
 
     check_sp_for_model(model.config, state.sp_size, mode)
     if state.sp_size == 1:
-        from longtrain.attention import register_attention
-
-        register_attention()
-        name = "longtrain"
+        name = register_attention()
     else:
         state.require_group()
-        name = ATTENTION_NAMES[mode]
         impl = _ulysses_hf if mode == "ulysses" else _ring_hf
-        from longtrain.attention import longtrain_mask  # builds no mask, refuses padding masks
-
-        AttentionInterface.register(name, functools.partial(impl, state=state))
-        AttentionMaskInterface.register(name, longtrain_mask)
+        name = register_attention(ATTENTION_NAMES[mode], functools.partial(impl, state=state))
     model.set_attn_implementation(name)
     return name
