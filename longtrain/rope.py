@@ -116,6 +116,13 @@ def rope_parameters(rope: dict, *, original_max_position_embeddings: int) -> dic
     return out
 
 
+def original_max_position_embeddings(config) -> int:
+    """The pretraining length a model config's RoPE scales from: ``rope_parameters``'
+    ``original_max_position_embeddings`` once a scaled stage set it, else ``max_position_embeddings``."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
 def _rotary_modules(model: nn.Module) -> list[nn.Module]:
     """The rotary embedding module(s) of a HF decoder (``model.model.rotary_emb`` for Llama/Qwen2/Mistral)."""
     found = [m for m in model.modules() if hasattr(m, "original_inv_freq") and hasattr(m, "rope_type")]

@@ -23,6 +23,7 @@ from data_prep.tokenizer import resolve_tokenizer_file
 from longtrain import checkpoint
 from longtrain.config import ConfigError, RunConfig, StageConfig, dump_config
 from longtrain.data import PreparedDataset, StageOrder, StepLayout, check_stage_dataset
+from longtrain.loss import chunked_lm_loss_sum, default_chunk_tokens
 from longtrain.metrics import MetricsLogger, peak_flops, peak_memory_bytes, training_flops
 
 
@@ -64,15 +65,11 @@ class CausalLMLoss(torch.nn.Module):
     """
 
     def __init__(self, hf_model: torch.nn.Module, loss_chunk_tokens: int | None):
-        from longtrain.loss import default_chunk_tokens
-
         super().__init__()
         self.hf_model = hf_model
         self.loss_chunk_tokens = loss_chunk_tokens or default_chunk_tokens(hf_model.config.vocab_size)
 
     def forward(self, input_ids, position_ids, labels, cu_seqlens, max_seqlen: int):
-        from longtrain.loss import chunked_lm_loss_sum
-
         out = self.hf_model.model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False,
             cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
@@ -241,18 +238,25 @@ class Trainer:
             from data_prep.tokenizer import tokenizer_identity
 
             tok_identity = tokenizer_identity(str(self.tokenizer_dir))
-        from longtrain.rope import rope_parameters
+        from longtrain.rope import original_max_position_embeddings, rope_parameters
 
-        original_max = self._original_max_position_embeddings()
+        # The pretraining length, read before any stage's apply_rope changes max_position_embeddings.
+        self.original_max = original_max_position_embeddings(self.hf_model.config)
+        self.rope_params: list[dict] = []  # per stage
         for i, stage in enumerate(cfg.stages):
             try:
                 check_sp_for_model(self.hf_model.config, stage.sp_size, stage.sp_mode)
             except ValueError as exc:
                 raise ConfigError(f"stages.{i}.sp_size / sp_mode: {exc}") from None
             try:  # every stage's RoPE checked before anything runs, not at its stage start
-                rope_parameters(stage.rope, original_max_position_embeddings=original_max)
+                self.rope_params.append(rope_parameters(stage.rope,
+                                                        original_max_position_embeddings=self.original_max))
             except ValueError as exc:
                 raise ConfigError(f"stages.{i}.rope: {exc}") from None
+        # Rows per step and steps of every stage (the ETA and global progress need all of them).
+        self.layouts = [StepLayout(self.parallel[s.sp_size].dp_size, s.micro_batch_size, s.grad_accum)
+                        for s in cfg.stages]
+        self.stage_totals = [stage_steps(s, layout.rows_per_step) for s, layout in zip(cfg.stages, self.layouts)]
         embed = self.hf_model.get_input_embeddings().weight
         vocab = int(getattr(embed, "ds_shape", embed.shape)[0])  # ds_shape: partitioned by zero.Init
         self.datasets = []
@@ -334,20 +338,17 @@ class Trainer:
     # ----------------------------------------------------------------------------- stages
     def _begin_stage(self, index: int) -> tuple[StepLayout, StageOrder, int]:
         from longtrain.parallel import parallelize_attention
-        from longtrain.rope import apply_rope, rope_parameters
+        from longtrain.rope import apply_rope
 
-        stage = self.cfg.stages[index]
-        original_max = self._original_max_position_embeddings()
-        params = rope_parameters(stage.rope, original_max_position_embeddings=original_max)
+        stage, params = self.cfg.stages[index], self.rope_params[index]
         # Applied after deepspeed.initialize (which may have cast buffers to bf16): apply_rope
         # recomputes inv_freq in fp32 with transformers' own init function.
-        apply_rope(self.hf_model, params, self._max_position_embeddings(stage, original_max))
+        apply_rope(self.hf_model, params, self._max_position_embeddings(stage, self.original_max))
         state = self.parallel[stage.sp_size]
         parallelize_attention(self.hf_model, state, stage.sp_mode)
         self.engine.set_train_batch_size(stage.grad_accum * self.world)
-        layout = StepLayout(state.dp_size, stage.micro_batch_size, stage.grad_accum)
+        layout, total = self.layouts[index], self.stage_totals[index]
         order = StageOrder(len(self.datasets[index]), self.cfg.train.seed, index)
-        total = stage_steps(stage, layout.rows_per_step)
         self._event(f"stage {index} '{stage.name}': seq_len {stage.seq_len}, rope {params}, "
                     f"{total} steps x {layout.rows_per_step} rows, sp {stage.sp_size}"
                     f"{' (' + stage.sp_mode + ')' if stage.sp_size > 1 else ''}, dp {state.dp_size}, "
@@ -361,14 +362,6 @@ class Trainer:
         if stage.max_position_embeddings is not None:
             return stage.max_position_embeddings
         return original_max if stage.rope.get("type") == "dynamic" else stage.seq_len
-
-    def _original_max_position_embeddings(self) -> int:
-        cfg = self.hf_model.config
-        if not hasattr(self, "_orig_max_pos"):
-            params = getattr(cfg, "rope_parameters", None) or {}
-            self._orig_max_pos = int(params.get("original_max_position_embeddings")
-                                     or cfg.max_position_embeddings)
-        return self._orig_max_pos
 
     # ----------------------------------------------------------------------------- one step
     def _micro_batches(self, index: int, layout: StepLayout, order: StageOrder, step_in_stage: int):
@@ -434,9 +427,7 @@ class Trainer:
         self.stop.install()
         progress = self._restore()
         cfg = self.cfg
-        # Steps of every stage (needs each stage's layout), for the ETA and the global progress.
-        totals = [stage_steps(s, StepLayout(self.world // s.sp_size, s.micro_batch_size, s.grad_accum)
-                              .rows_per_step) for s in cfg.stages]
+        totals = self.stage_totals
         metrics = MetricsLogger(self.run_dir, self.rank == 0, sum(totals), cfg.train.log_every,
                                 cfg.train.tensorboard)
         self._metrics = metrics

@@ -203,11 +203,11 @@ def current_stage(state: dict[str, Any], tag_dir: Path | None = None) -> tuple[i
 def stage_rope(tag_dir: Path, state: dict[str, Any], hf_config) -> tuple[dict[str, Any], int]:
     """The RoPE parameters and max_position_embeddings of the stage the checkpoint reached, from the
     stage's own setting in ``longtrain_state.json``; refuses an ``hf_config`` that disagrees."""
-    from longtrain.rope import rope_parameters
+    from longtrain.rope import original_max_position_embeddings, rope_parameters
 
     index, stage = current_stage(state, tag_dir)
     saved = dict(hf_config.rope_parameters)
-    original = saved.get("original_max_position_embeddings", hf_config.max_position_embeddings)
+    original = original_max_position_embeddings(hf_config)
     try:
         params = rope_parameters(stage["rope"], original_max_position_embeddings=original)
     except (KeyError, ValueError) as exc:
