@@ -87,7 +87,7 @@ class MetricsLogger:
             except ImportError:
                 self._tb = None  # optional: pip install tensorboard
 
-    def log_step(self, record: dict[str, Any], step_seconds: float) -> None:
+    def log_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         assert self._file is not None
@@ -106,11 +106,7 @@ class MetricsLogger:
                   f"lr {record['lr']:.3g} gnorm {record.get('grad_norm') or 0:.3f} "
                   f"tok/s {record['tokens_per_s']:.0f} mfu {100 * record.get('mfu', 0):.1f}% "
                   f"mem {record['peak_mem_gb']:.2f}GB seq {record['seq_len']} rope {record['rope_theta']:g} "
-                  f"({step_seconds:.2f}s/step, ETA {format_duration(eta)})", flush=True)
-
-    def event(self, text: str) -> None:
-        if self.enabled:
-            print(text, flush=True)
+                  f"({record['step_seconds']:.2f}s/step, ETA {format_duration(eta)})", flush=True)
 
     def close(self) -> None:
         if self._file is not None:

@@ -526,7 +526,7 @@ class Trainer:
             "sp_size": stage.sp_size, "epoch": order.epoch_of(progress.step_in_stage * layout.rows_per_step - 1),
             "tokens_seen": progress.tokens_seen,
         }
-        metrics.log_step(record, step_seconds)
+        metrics.log_step(record)
 
     def _log_samples(self, progress: Progress, index: int, row_ids: list[list[int]]) -> None:
         stage = self.cfg.stages[index]

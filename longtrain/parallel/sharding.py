@@ -20,10 +20,11 @@ import dataclasses
 import torch
 
 from longtrain.batching import IGNORE_INDEX
+from longtrain.config import SP_MODES
 
 from .state import ParallelState
 
-MODES = ("ulysses", "ring")
+MODES = SP_MODES  # one list: the run config validates stages.N.sp_mode against it
 
 
 def check_mode(mode: str) -> None:

@@ -143,6 +143,8 @@ def test_conversion_to_transformers_form():
                            original_max_position_embeddings=4096)
     assert yarn["original_max_position_embeddings"] == 2048 and set(ROPE_TYPES) == {
         "default", "linear", "dynamic", "yarn", "llama3", "longrope"}
+    from longtrain import config  # the light copy the YAML is validated against (no transformers import)
+    assert config.ROPE_TYPES == ROPE_TYPES
 
 
 @pytest.mark.parametrize("rope, match", [
