@@ -106,8 +106,9 @@ def _export_into(staging: Path, out_name: str, tag_dir: Path, opts: ExportOption
     rope = stage_rope(tag_dir, state, hf_config)
     log(f"exporting {tag_dir} (global step {state.get('global_step')}, stage {state.get('stage_name')!r}) as "
         f"{opts.dtype}")
-    if yarn_compat_note(*rope):
-        log(f"note: {yarn_compat_note(*rope)}")
+    yarn_note = yarn_compat_note(*rope)
+    if yarn_note:
+        log(f"note: {yarn_note}")
     with tqdm(total=4, desc="export", unit="step", disable=not opts.progress) as bar:
         bar.set_postfix_str("consolidating")
         model = build_model(hf_config, consolidate_state_dict(tag_dir, log), tag_dir)
@@ -135,7 +136,7 @@ def _export_into(staging: Path, out_name: str, tag_dir: Path, opts: ExportOption
             for line in verification.lines():
                 log(line)
         bar.update()
-    notes = [n for n in (yarn_compat_note(*rope), tok_check and tok_check.auto_warning) if n]
+    notes = [n for n in (yarn_note, tok_check and tok_check.auto_warning) if n]
     card = model_card(out_name, tag_dir, state, hf_config, opts.dtype, n_params, tok_info, verification, notes)
     (staging / "README.md").write_text(card, encoding="utf-8")
     if verification is not None and not verification.passed:
@@ -162,7 +163,7 @@ def _check_tokenizer_of_run(staging: Path, source: Path, ids: torch.Tensor,
 
     fast = PreTrainedTokenizerFast.from_pretrained(staging)
     texts = [fast.decode([int(i) for i in row], skip_special_tokens=True) for row in ids]
-    check = check_tokenizer(staging, source, texts)
+    check = check_tokenizer(staging, source, texts, fast)
     log(f"tokenizer: {check.tokens:,} tokens encode as {check.reference} does")
     if check.auto_warning:
         log(f"warning: {check.auto_warning}")

@@ -96,7 +96,7 @@ class TokenizerCheck:
     auto_warning: str | None    # set when AutoTokenizer tokenizes differently from tokenizer.json
 
 
-def check_tokenizer(out: Path, source: Path, texts: list[str]) -> TokenizerCheck:
+def check_tokenizer(out: Path, source: Path, texts: list[str], fast=None) -> TokenizerCheck:
     """The exported ``tokenizer.json`` (loaded as ``PreTrainedTokenizerFast``, the class its config
     names) encodes like the run's tokenizer as data prep loads it (``data_prep.tokenizer.Tokenizer``: its
     ``tokenizer.json`` through ``tokenizers``, else SentencePiece itself for a ``tokenizer.model``);
@@ -108,7 +108,7 @@ def check_tokenizer(out: Path, source: Path, texts: list[str]) -> TokenizerCheck
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast.from_pretrained(out)
+    fast = fast or PreTrainedTokenizerFast.from_pretrained(out)  # the caller's, when it loaded it already
     ref = DataPrepTokenizer(source)  # the tokenizer the training rows were encoded with, loaded the same way
     reference = str(source / "tokenizer.json") if ref.kind == "hf" else f"SentencePiece({source / 'tokenizer.model'})"
     ids = {"bos_token_id": ref.bos_id, "eos_token_id": ref.eos_id}
