@@ -212,9 +212,10 @@ def train_base(runner: Runner, recipe_path: Path, data_dir: Path, steps: dict) -
 def train_method(runner: Runner, recipe_path: Path, base_ckpt: Path, run: dict, arm: dict,
                  data_dir: Path, steps: dict) -> Path:
     run_dir = runner.work / "runs" / run["dir"]
-    if not runner.dry_run and finished_step(run_dir) >= steps["base"] + steps["extend"]:
+    done = 0 if runner.dry_run else finished_step(run_dir)
+    if done >= steps["base"] + steps["extend"]:
         return run_dir
-    resume = "auto" if not runner.dry_run and finished_step(run_dir) > steps["base"] else base_ckpt
+    resume = "auto" if done > steps["base"] else base_ckpt
     args = ["train", "--config", recipe_path, "--run-dir", run_dir, "--resume", resume]
     for item in method_overrides(arm, run["spec"], data_dir, run["seed"], steps):
         args += ["--set", item]
@@ -234,6 +235,7 @@ def write_rope_variant(src: Path, dst: Path, rope: dict, original_max: int) -> P
     ``max_position_embeddings`` stays the trained length: dynamic NTK rescales only beyond it.
     Parameters come from ``longtrain.rope.rope_parameters`` (what a training stage would set).
     """
+    from longtrain.export import legacy_rope_keys
     from longtrain.rope import rope_parameters
 
     params = rope_parameters(rope, original_max_position_embeddings=original_max)
@@ -241,10 +243,7 @@ def write_rope_variant(src: Path, dst: Path, rope: dict, original_max: int) -> P
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-    config["rope_parameters"] = params
-    config["rope_theta"] = params["rope_theta"]
-    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    config["rope_scaling"] = scaling if params["rope_type"] != "default" else None
+    config.update(rope_parameters=params, **legacy_rope_keys(params))  # as `longtrain export` writes them
     config["max_position_embeddings"] = original_max
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(dst, ignore_errors=True)
