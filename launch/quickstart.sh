@@ -85,11 +85,12 @@ for n in 0 1 2; do SETS+=(--set "stages.$n.steps=${STEPS[$n]}"); done
 TOTAL=$(( STEPS[0] + STEPS[1] + STEPS[2] ))
 INTERRUPT_AT=$(( STEPS[0] + STEPS[1] + STEPS[2] / 2 ))
 rm -rf "$RUN"
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# The README's launcher: deepspeed with 2 local processes (launch/train.sh execs it, keeping the pid).
+TRAIN=(bash launch/train.sh configs/tiny_cpu.yaml "$RUN" --nproc 2)
 say "3/5 training $TOTAL steps on 2 processes (deepspeed launcher); SIGTERM at step $INTERRUPT_AT, then resume"
 # setsid: the launcher and both ranks form one process group, signalled together below.
-setsid "$ROOT/.venv/bin/deepspeed" --num_gpus 2 --master_port "$PORT" --module longtrain.cli train \
-  --config configs/tiny_cpu.yaml --run-dir "$RUN" "${SETS[@]}" > "$OUT/train_part1.log" 2>&1 &
+setsid "${TRAIN[@]}" --master-port "$(free_port)" -- "${SETS[@]}" > "$OUT/train_part1.log" 2>&1 &
 TRAIN_PID=$!
 "$PY" - "$RUN/metrics.jsonl" "$INTERRUPT_AT" "$TRAIN_PID" <<'EOF'
 import json, os, sys, time
@@ -124,9 +125,7 @@ if ! grep -q "stopping after" "$OUT/train_part1.log"; then
 fi
 grep -E "stopping after|checkpoint saved" "$OUT/train_part1.log" | tail -2 | sed 's/^/  /'
 say "resuming from the latest complete checkpoint (--resume auto)"
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$ROOT/.venv/bin/deepspeed" --num_gpus 2 --master_port "$PORT" --module longtrain.cli train \
-  --config configs/tiny_cpu.yaml --run-dir "$RUN" "${SETS[@]}" --resume auto > "$OUT/train_part2.log" 2>&1 \
+"${TRAIN[@]}" --master-port "$(free_port)" -- "${SETS[@]}" --resume auto > "$OUT/train_part2.log" 2>&1 \
   || { echo "resumed training failed; see $OUT/train_part2.log" >&2; tail -30 "$OUT/train_part2.log" >&2; exit 1; }
 grep -E "resumed from|training done" "$OUT/train_part2.log" | sed 's/^/  /'
 
