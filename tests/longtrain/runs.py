@@ -64,11 +64,6 @@ def write_config(path: Path, stages: list[dict], model: dict, train: dict | None
     return path
 
 
-def deepspeed_cmd(nproc: int, port: int) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
-            "--module", "longtrain.cli"]
-
-
 def torchrun_cmd(nproc: int, port: int) -> list[str]:
     return [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(port), "-m", "longtrain.cli"]
@@ -100,9 +95,9 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def start(cmd: list[str], log: Path, **env) -> subprocess.Popen:
     """Start a run in its own process group (so a SIGKILL takes every rank and the launcher)."""
-    handle = open(log, "w")
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(**env), stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(**env), stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -133,7 +133,6 @@ def model_case(states, model, case: dict, rows: list[dict], loss_sum_fn) -> dict
 
 def model_worker(rank: int, world_size: int, cases: list[dict], rows: list[dict]) -> dict:
     from longtrain.loss import chunked_lm_loss_sum
-    from longtrain.parallel import init_parallel_states
 
     def loss_sum_fn(hidden, lm_head, labels):
         return chunked_lm_loss_sum(hidden, lm_head, labels, 32)  # several chunks even at T/4
