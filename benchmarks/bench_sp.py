@@ -1,8 +1,8 @@
 """Sequence parallelism on CPU: per-rank activation memory, tokens/s and bytes sent per layer.
 
 One packed row of real text (OpenLLaMA tokenizer, several documents crossing slice boundaries)
-goes through a ~20M-parameter Llama (vocab 32000) with activation checkpointing and
-``chunked_lm_loss_sum``, as a real run does: forward + backward at SP=1 (one process), then at
+goes through a ~20M-parameter Llama (vocab 32000) with the trainer's activation checkpointing
+(selective: attention outputs kept) and ``chunked_lm_loss_sum``, as a real run does: forward + backward at SP=1 (one process), then at
 SP=2 with Ulysses and with ring attention (two gloo processes on 127.0.0.1). Reported per rank:
 
 - peak activation memory: peak RSS during the step minus RSS before it (``VmHWM`` reset through
@@ -64,7 +64,9 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int):
                                       tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float().train()
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    from longtrain.trainer import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)  # the trainer's own (ZeRO < 3): selective, keeps attention outputs
     return model
 
 

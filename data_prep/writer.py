@@ -83,7 +83,7 @@ class SplitWriter:
             schema=SCHEMA)
         self._writer.write_table(table)
         for array in (ids, flat_lens, mask):  # a fingerprint of the content, for state.json
-            self._digest.update(np.ascontiguousarray(array).tobytes())
+            self._digest.update(np.ascontiguousarray(array))  # hashlib reads the buffer: no copy
         self.rows += r
 
     def _close_shard(self) -> None:
