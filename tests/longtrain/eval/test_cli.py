@@ -63,16 +63,20 @@ def test_errors_name_the_problem(tmp_path, capsys, trained_folder, book_text):
         assert message in capsys.readouterr().err, argv
 
 
-def test_checkpoint_folder_goes_to_export(tmp_path, capsys, book_text):
-    try:
-        from longtrain.export import load_checkpoint_model  # noqa: F401
-        pytest.skip("longtrain.export.load_checkpoint_model exists: checkpoint eval is tested with export")
-    except ImportError:
-        pass
-    tag = tmp_path / "run" / "checkpoints" / "step_00000010"
-    tag.mkdir(parents=True)
-    (tag / "longtrain_state.json").write_text("{}")
-    data = tmp_path / "d.txt"
-    data.write_text("some text")
-    assert longtrain_main(["eval", str(tag), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
-    assert "longtrain.export.load_checkpoint_model" in capsys.readouterr().err
+def test_checkpoints_evaluate_like_their_export(tmp_path, baseline_run):
+    """A run folder, its checkpoints/ folder and a tag folder are all checkpoints to eval; the model
+    it builds from one gives the logits of that checkpoint's verified export."""
+    import torch
+
+    from longtrain.eval.loading import load_eval_model, model_kind
+
+    tag = baseline_run / "checkpoints" / "step_00000008"
+    assert {model_kind(p) for p in (baseline_run, baseline_run / "checkpoints", tag)} == {"checkpoint"}
+    assert longtrain_main(["export", str(tag), str(tmp_path / "export"), "--dtype", "fp32", "--no-progress"]) == 0
+    from_checkpoint = load_eval_model(str(baseline_run / "checkpoints"))
+    from_export = load_eval_model(str(tmp_path / "export"))
+    assert from_checkpoint.kind == "checkpoint" and from_export.kind == "hf"
+    assert from_checkpoint.model.config.rope_parameters["rope_theta"] == 1e6  # the last stage's base
+    ids = torch.arange(1, 129).unsqueeze(0) % from_export.model.config.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(from_checkpoint.model(ids).logits, from_export.model(ids).logits, rtol=0, atol=0)
