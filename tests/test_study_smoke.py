@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, SHARED_DATA, shared_file
+from tests.support import models
+from tests.support.paths import REPO_ROOT, SHARED_DATA, shared_file
 
 _spec = importlib.util.spec_from_file_location("study_long_context",
                                                REPO_ROOT / "benchmarks" / "study_long_context.py")
@@ -65,13 +66,8 @@ def test_every_method_is_a_valid_run_with_equal_tokens_per_step(tmp_path):
 
 
 def _tiny_export(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    models.tiny_model("llama", vocab_size=300, intermediate_size=96, num_attention_heads=2,
+                      max_position_embeddings=128).save_pretrained(path)
     tok = shared_file("tokenizers", "spm_botchan_test_model.model")
     (path / "tokenizer.model").write_bytes(tok.read_bytes())
     return path

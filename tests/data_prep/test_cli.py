@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 from data_prep.cli import inspect_main
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 from .test_prepare import run_prepare
 

@@ -15,7 +15,7 @@ from data_prep.prepare import PrepareConfig, prepare
 from data_prep.sources import parse_input_spec
 from data_prep.tokenizer import Tokenizer, tokenizer_identity
 
-from .helpers import check_row_structure, document_pairs, minus, read_rows, segments, target_pairs
+from tests.support.dataset_checks import check_row_structure, document_pairs, minus, read_rows, segments, target_pairs
 
 SEQ_LEN = 64
 

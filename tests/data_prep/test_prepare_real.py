@@ -6,9 +6,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from tests.conftest import shared_file
+from tests.support.paths import shared_file
 
-from .helpers import check_row_structure, document_pairs, minus, read_rows, segments, target_pairs
+from tests.support.dataset_checks import check_row_structure, document_pairs, minus, read_rows, segments, target_pairs
 from .test_prepare import arrow_bytes, reference_docs, run_prepare
 
 SEQ_LEN = 1024

@@ -11,9 +11,9 @@ from data_prep.errors import DataPrepError
 from data_prep.sources import InputSpec
 from data_prep.tokenizer import Tokenizer, tokenizer_identity
 from data_prep.train_tokenizer import TokenizerConfig, train_tokenizer
-from tests.conftest import shared_file
+from tests.support.paths import shared_file
 
-from .helpers import read_rows
+from tests.support.dataset_checks import read_rows
 from .test_prepare import run_prepare
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.longtrain import runs
+from tests.support import models, runs, text
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,7 @@ def stdlib_tokenizer(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tokenizer")
     args = ["--vocab-size", "512", "--out", str(out), "--max-chars", "2000000", "--skip-bad"]
-    for src in runs.stdlib_corpus():
+    for src in text.stdlib_corpus():
         args += ["--input", src]
     assert tokenizer_main(args) == 0
     return out / "tokenizer.model"
@@ -34,26 +34,11 @@ def stdlib_datasets(tmp_path_factory, stdlib_tokenizer) -> dict[int, Path]:
         args = ["--tokenizer", str(stdlib_tokenizer), "--seq-len", str(seq_len), "--strategy", strategy,
                 "--out", str(dest), "--no-plot", "--no-progress", "--val-fraction", "0.05", "--seed", "1",
                 "--skip-bad"]
-        for src in runs.stdlib_corpus():
+        for src in text.stdlib_corpus():
             args += ["--input", src]
         assert prepare_main(args) == 0
         out[seq_len] = dest
     return out
-
-
-def two_stage_recipe(datasets: dict[int, Path], **stage_over) -> list[dict]:
-    """Stage 1: 64 tokens at base 10k; stage 2: 128 tokens at base 1M (the mission's recipe, tiny)."""
-    stages = [
-        {"name": "s64_base10k", "seq_len": 64, "rope": {"type": "default", "theta": 10000},
-         "data": str(datasets[64]), "steps": 4, "lr": 2e-3, "warmup_steps": 1, "micro_batch_size": 2,
-         "grad_accum": 2},
-        {"name": "s128_base1M", "seq_len": 128, "rope": {"type": "default", "theta": 1000000},
-         "data": str(datasets[128]), "steps": 4, "lr": 1e-3, "micro_batch_size": 1, "grad_accum": 2},
-    ]
-    for key, value in stage_over.items():
-        index, _, field = key.partition("__")
-        stages[int(index[1:])][field] = value
-    return stages
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +46,8 @@ def baseline_run(tmp_path_factory, stdlib_tokenizer, stdlib_datasets) -> Path:
     """One process, two stages, fp32 ZeRO-2: the reference the multi-rank and resumed runs must match."""
     root = tmp_path_factory.mktemp("baseline")
     # checkpoint_every 3, keep all: step 3 (mid stage 1) lets a test resume across the stage boundary.
-    config = runs.write_config(root / "run.yaml", two_stage_recipe(stdlib_datasets),
-                               {"config": runs.tiny_model_config(), "tokenizer": str(stdlib_tokenizer)},
+    config = runs.write_config(root / "run.yaml", runs.two_stage_recipe(stdlib_datasets),
+                               {"config": models.tiny_model_config(), "tokenizer": str(stdlib_tokenizer)},
                                {"checkpoint_every": 3, "keep_checkpoints": 0})
     run_dir = root / "run"
     runs.check(runs.run(runs.single_cmd() + runs.train_args(config, run_dir), log=root / "log.txt"))

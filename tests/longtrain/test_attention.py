@@ -14,7 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from longtrain.attention import (ATTENTION_NAME, attention_backend, document_attention, longtrain_attention,
                                  longtrain_mask, register_attention)
 from longtrain.batching import make_packed_batch
-from tests.conftest import shared_file
+from tests.support.paths import shared_file
 
 VOCAB = 1000  # spm_botchan_test_model
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256,

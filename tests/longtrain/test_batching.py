@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longtrain.batching import IGNORE_INDEX, PackedBatch, make_packed_batch, segment_ids
-from tests.conftest import shared_file
+from tests.support.paths import shared_file
 
 X = IGNORE_INDEX
 ROWS = [

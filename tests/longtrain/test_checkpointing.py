@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from longtrain.attention import register_attention
 from longtrain.batching import make_packed_batch
 from longtrain.trainer import CausalLMLoss, enable_activation_checkpointing
+from tests.support import models
 
 FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -23,11 +24,9 @@ class CountOps(TorchDispatchMode):
 
 
 def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    # transformers' default max_position_embeddings and untied embeddings, as before the shared family
+    model = models.tiny_model("llama", vocab_size=300, num_hidden_layers=3, max_position_embeddings=2048,
+                              tie_word_embeddings=False)
     register_attention()
     model.set_attn_implementation("longtrain")
     return model.train()

@@ -119,7 +119,7 @@ def test_include_presets_merge_and_the_including_file_wins(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["tiny_cpu.yaml", "qwen2_7b_4k_to_32k.yaml", "llama3_8b_8k_to_64k.yaml"])
 def test_shipped_recipes_validate(recipe):
-    from tests.conftest import REPO_ROOT
+    from tests.support.paths import REPO_ROOT
 
     path = REPO_ROOT / "configs" / recipe
     if not path.exists():

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from longtrain import checkpoint
-from tests.longtrain import runs
+from tests.support import env, models, runs
 
 pytestmark = [pytest.mark.multiproc]
 
@@ -44,10 +44,10 @@ def _stages(datasets: dict[int, Path], rope2: dict) -> list[dict]:
 def _two_rank_run(root: Path, datasets, tokenizer, arch: str, zero: int, rope2: dict) -> Path:
     """Checkpoints at steps 2 (stage end), 4 (periodic, mid stage 2) and 5 (end)."""
     config = runs.write_config(root / "run.yaml", _stages(datasets, rope2),
-                               {"config": runs.tiny_model_config(arch), "tokenizer": str(tokenizer)},
+                               {"config": models.tiny_model_config(arch), "tokenizer": str(tokenizer)},
                                {"zero_stage": zero, "checkpoint_every": 4, "keep_checkpoints": 0})
     run_dir = root / "run"
-    runs.check(runs.run(runs.torchrun_cmd(2, runs.free_port()) + runs.train_args(config, run_dir),
+    runs.check(runs.run(runs.torchrun_cmd(2, env.free_port()) + runs.train_args(config, run_dir),
                         log=root / "log.txt"))
     return run_dir
 
@@ -245,7 +245,7 @@ def test_sentencepiece_conversion_on_real_tokenizers(tmp_path):
     """transformers' converter, as the export uses it, on tokenizers trained elsewhere (no byte
     fallback, another normaliser), checked token for token on a book."""
     from longtrain.export import check_tokenizer, write_tokenizer
-    from tests.conftest import shared_file
+    from tests.support.paths import shared_file
 
     text = shared_file("corpora", "pride_and_prejudice.txt").read_text(encoding="utf-8")[:100_000]
     for name in ("open_llama_tokenizer.model", "spm_botchan_test_model.model"):
@@ -421,7 +421,7 @@ def test_verification_fails_on_a_wrong_folder_and_leaves_nothing(tmp_path, capsy
 
 def test_help_states_memory():
     result = subprocess.run([sys.executable, "-m", "longtrain.cli", "export", "--help"], capture_output=True,
-                            text=True, cwd=runs.REPO_ROOT, env=runs.child_env(), timeout=60)
+                            text=True, cwd=env.REPO_ROOT, env=env.child_env(), timeout=60)
     assert result.returncode == 0
     assert "4 bytes per parameter" in result.stdout and "--max-shard-size" in result.stdout
 
@@ -462,7 +462,7 @@ def make_format_checkpoints(out: Path) -> None:
     for name, (arch, train) in FORMATS.items():
         stage = {"name": "s", "seq_len": 64, "rope": {"type": "default", "theta": 500000}, "data": str(out),
                  "steps": 1, "lr": 1e-2}
-        cfg = config_from_dict({"model": {"config": runs.tiny_model_config(arch)}, "stages": [stage],
+        cfg = config_from_dict({"model": {"config": models.tiny_model_config(arch)}, "stages": [stage],
                                 "train": train, "deepspeed": {"zero_force_ds_cpu_optimizer": False}})
         model = load_model(cfg.model)
         model.set_attn_implementation(register_attention())
@@ -492,7 +492,7 @@ def make_format_checkpoints(out: Path) -> None:
 def format_checkpoints(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("formats")
     cmd = [str(runs.BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(runs.free_port()), "-m", "tests.longtrain.test_export", "formats", str(root)]
+           "--master_port", str(env.free_port()), "-m", "tests.longtrain.test_export", "formats", str(root)]
     runs.check(runs.run(cmd, log=root / "log.txt"))
     return root
 
@@ -517,7 +517,7 @@ def test_other_deepspeed_layouts_equal_the_engine(tmp_path, format_checkpoints, 
 # ------------------------------------------------------------------------------------ transformers 4.46
 
 
-COMPAT_VENV = runs.REPO_ROOT / ".venv" / "compat-tf446"
+COMPAT_VENV = env.REPO_ROOT / ".venv" / "compat-tf446"
 COMPAT_SCRIPT = r"""
 import json, sys, torch, transformers, warnings
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -574,7 +574,7 @@ def test_exports_load_in_transformers_4_46(tmp_path, baseline_exports, llama_zer
     exports["linear"] = tmp_path / "linear"
     ids = [[1, 400, 401, 402, 403, 5, 6, 7, 8, 9, 10, 11, 12]]
     proc = subprocess.run([str(python), "-c", COMPAT_SCRIPT, json.dumps(ids), *map(str, exports.values())],
-                          capture_output=True, text=True, timeout=300, env=runs.child_env())
+                          capture_output=True, text=True, timeout=300, env=env.child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     old = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert old["version"].startswith("4.46")

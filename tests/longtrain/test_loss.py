@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from longtrain.loss import chunked_lm_loss_sum
-from tests.longtrain import runs
+from tests.support import env
 
 REPO = Path(__file__).resolve().parents[2]
 T, E, V = 50, 16, 300
@@ -222,10 +222,10 @@ torch.distributed.destroy_process_group()
 def test_under_deepspeed_zero3(tmp_path):
     """lm_head called as a module: ZeRO-3 gathers its partitioned weight, in forward and in the recomputation."""
     pytest.importorskip("deepspeed")
-    env = runs.child_env(PYTHONPATH=str(REPO), **runs.single_rank_vars())
+    child = env.child_env(PYTHONPATH=str(REPO), **env.single_rank_vars())
     script = tmp_path / "zero3.py"
     script.write_text(_ZERO3_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script)], env=child, cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

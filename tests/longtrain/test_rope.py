@@ -8,21 +8,14 @@ import sys
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longtrain.rope import ROPE_TYPES, apply_rope, describe_rope, rope_parameters
-from tests.longtrain import runs
+from tests.support import env, models
 
 ORIG_LEN = 64  # the tiny models' "pretraining" length
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=ORIG_LEN, tie_word_embeddings=False)
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
+TINY = dict(vocab_size=256, max_position_embeddings=ORIG_LEN, tie_word_embeddings=False)
 # A schedule as the trainer applies it: ABF steps, then each scaling method (our config form, new length).
 SCHEDULE = [
     ({"type": "default", "theta": 10000.0}, ORIG_LEN),
@@ -41,9 +34,7 @@ SCHEDULE = [
 
 
 def _build(arch: str, **overrides):
-    config_cls, model_cls = ARCHS[arch]
-    torch.manual_seed(0)
-    return model_cls(config_cls(**{**TINY, **overrides})).eval()
+    return models.tiny_model(arch, **{**TINY, **overrides}).eval()
 
 
 def _fresh_like(arch: str, model, rope_params: dict, max_len: int):
@@ -54,7 +45,7 @@ def _fresh_like(arch: str, model, rope_params: dict, max_len: int):
     return fresh
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
 def test_each_transition_matches_a_fresh_model(arch):
     model = _build(arch)
     ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(1))
@@ -92,7 +83,7 @@ def test_frequencies_are_transformers_own(rope):
     params = rope_parameters(rope, original_max_position_embeddings=ORIG_LEN)
     model = _build("llama")
     apply_rope(model, params, 256)
-    config = LlamaConfig(**{**TINY, "rope_parameters": copy.deepcopy(params), "max_position_embeddings": 256})
+    config = models.tiny_config("llama", **{**TINY, "rope_parameters": copy.deepcopy(params), "max_position_embeddings": 256})
     if rope["type"] == "default":
         expected, scaling = LlamaForCausalLM(config).model.rotary_emb.compute_default_rope_parameters(config)
     else:
@@ -242,10 +233,10 @@ torch.distributed.destroy_process_group()
 def test_apply_on_deepspeed_zero3_bf16_engine(tmp_path):
     """On engine.module under ZeRO-3 bf16: fp32 frequencies equal a fresh model's; logits equal a plain model's."""
     pytest.importorskip("deepspeed")
-    env = runs.child_env(PYTHONPATH=str(runs.REPO_ROOT), **runs.single_rank_vars())
+    child = env.child_env(PYTHONPATH=str(env.REPO_ROOT), **env.single_rank_vars())
     script, out = tmp_path / "zero3.py", tmp_path / "result.json"
     script.write_text(_ZERO3_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=child, cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert out.exists(), f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     result = json.loads(out.read_text())

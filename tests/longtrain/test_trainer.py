@@ -12,14 +12,13 @@ import torch
 import yaml
 
 from longtrain import checkpoint
-from tests.longtrain import runs
-from tests.longtrain.conftest import two_stage_recipe
+from tests.support import env, models, runs
 
 pytestmark = [pytest.mark.multiproc]
 
 
 def _model(tokenizer, arch="llama", **over):
-    return {"config": runs.tiny_model_config(arch, **over), "tokenizer": str(tokenizer)}
+    return {"config": models.tiny_model_config(arch, **over), "tokenizer": str(tokenizer)}
 
 
 def _assert_losses_match(got: list[float], want: list[float], rel: float) -> None:
@@ -55,15 +54,15 @@ def test_two_ranks_zero2_simulated_two_nodes_match_one_process(tmp_path, baselin
                                                                 stdlib_datasets):
     """Two "nodes" of one process each, started the way users start real nodes without ssh
     (launch/train.sh --hostfile H --nnodes 2 --node-rank N), same global batch as the single process."""
-    stages = two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__grad_accum=1)
+    stages = runs.two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__grad_accum=1)
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port, run_dir = runs.free_port(), tmp_path / "run"
+    port, run_dir = env.free_port(), tmp_path / "run"
     procs = []
     for node_rank in (0, 1):
         # launch/train.sh runs `deepspeed --hostfile H --no_ssh --node_rank N ... --module longtrain.cli train`
-        cmd = ["bash", str(runs.REPO_ROOT / "launch" / "train.sh"), str(config), str(run_dir), "--hostfile",
+        cmd = ["bash", str(env.REPO_ROOT / "launch" / "train.sh"), str(config), str(run_dir), "--hostfile",
                str(hostfile), "--nnodes", "2", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
                "--master-port", str(port)]
         procs.append(runs.start(cmd, tmp_path / f"node{node_rank}.log"))
@@ -75,7 +74,7 @@ def test_two_ranks_zero2_simulated_two_nodes_match_one_process(tmp_path, baselin
 
 def test_train_sh_refuses_several_nodes_without_a_hostfile(tmp_path):
     """The deepspeed launcher without a hostfile starts a one-node job: every node would train alone."""
-    cmd = ["bash", str(runs.REPO_ROOT / "launch" / "train.sh"), "configs/tiny_cpu.yaml", str(tmp_path / "run"),
+    cmd = ["bash", str(env.REPO_ROOT / "launch" / "train.sh"), "configs/tiny_cpu.yaml", str(tmp_path / "run"),
            "--nnodes", "2", "--node-rank", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--nnodes 2 with the deepspeed launcher needs --hostfile" in done.stderr
@@ -84,10 +83,10 @@ def test_train_sh_refuses_several_nodes_without_a_hostfile(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_zero3_torchrun_match_one_process(tmp_path, baseline_run, stdlib_tokenizer, stdlib_datasets):
-    stages = two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__grad_accum=1)
+    stages = runs.two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__grad_accum=1)
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer), {"zero_stage": 3})
     run_dir = tmp_path / "run"
-    runs.check(runs.run(runs.torchrun_cmd(2, runs.free_port()) + runs.train_args(config, run_dir),
+    runs.check(runs.run(runs.torchrun_cmd(2, env.free_port()) + runs.train_args(config, run_dir),
                         log=tmp_path / "log.txt"))
     _assert_losses_match(runs.losses(run_dir), runs.losses(baseline_run), rel=1e-6)
     assert runs.rows_per_step(run_dir) == runs.rows_per_step(baseline_run)
@@ -97,7 +96,7 @@ def test_two_ranks_zero3_torchrun_match_one_process(tmp_path, baseline_run, stdl
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, baseline_run, stdlib_tokenizer, stdlib_datasets):
     """Killed with SIGKILL inside stage 2 (after a periodic checkpoint at step 6), resumed with
     --resume auto: every later loss equals the uninterrupted run bitwise, no row repeated or skipped."""
-    config = runs.write_config(tmp_path / "run.yaml", two_stage_recipe(stdlib_datasets),
+    config = runs.write_config(tmp_path / "run.yaml", runs.two_stage_recipe(stdlib_datasets),
                                _model(stdlib_tokenizer), {"checkpoint_every": 3, "keep_checkpoints": 2})
     run_dir = tmp_path / "run"
     proc = runs.start(runs.single_cmd() + runs.train_args(config, run_dir), tmp_path / "killed.log")
@@ -133,7 +132,7 @@ def test_resume_from_mid_stage_crosses_the_stage_boundary_bitwise(tmp_path, base
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, stdlib_tokenizer, stdlib_datasets):
-    stages = two_stage_recipe(stdlib_datasets, s0__steps=200)
+    stages = runs.two_stage_recipe(stdlib_datasets, s0__steps=200)
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer))
     run_dir = tmp_path / "run"
     proc = runs.start(runs.single_cmd() + runs.train_args(config, run_dir), tmp_path / "log.txt")
@@ -151,7 +150,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, stdlib_tokenizer, s
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_other_model_families_train(tmp_path, arch, stdlib_tokenizer, stdlib_datasets):
-    stages = two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=1)
+    stages = runs.two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=1)
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer, arch))
     run_dir = tmp_path / "run"
     runs.check(runs.run(runs.single_cmd() + runs.train_args(config, run_dir), log=tmp_path / "log.txt"))
@@ -162,7 +161,7 @@ def test_other_model_families_train(tmp_path, arch, stdlib_tokenizer, stdlib_dat
 
 
 def test_dataset_that_does_not_fit_the_stage_is_refused(tmp_path, stdlib_tokenizer, stdlib_datasets):
-    stages = two_stage_recipe(stdlib_datasets)
+    stages = runs.two_stage_recipe(stdlib_datasets)
     stages[1]["data"] = str(stdlib_datasets[64])  # 64-token rows for the 128-token stage
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer))
     proc = runs.run(runs.single_cmd() + runs.train_args(config, tmp_path / "run"))
@@ -177,7 +176,7 @@ def pretrained_folder(tmp_path_factory, stdlib_tokenizer):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = runs.tiny_model_config()
+    fields = models.tiny_model_config()
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(7)
     folder = tmp_path_factory.mktemp("pretrained") / "tiny-llama"
@@ -191,7 +190,7 @@ def test_continue_a_pretrained_folder_zero3_partitioned_load_matches_one_process
                                                                                  stdlib_datasets):
     """The main use case: continue an HF model folder (its tokenizer found and checked). Under ZeRO-3
     the weights load straight into partitions (zero.Init); losses equal one process's ZeRO-2 run."""
-    stages = two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=2)
+    stages = runs.two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=2)
     model = {"name_or_path": str(pretrained_folder)}
     single_cfg = runs.write_config(tmp_path / "single.yaml", stages, model)
     single = runs.check(runs.run(runs.single_cmd() + runs.train_args(single_cfg, tmp_path / "single"),
@@ -199,9 +198,9 @@ def test_continue_a_pretrained_folder_zero3_partitioned_load_matches_one_process
     assert "zero.Init" not in single.stdout
     # from_pretrained returns eval mode, where transformers silently skips checkpointing: it must be on.
     assert "activation checkpointing on 2/2 layers" in single.stdout
-    stages = two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=2, s0__grad_accum=1, s1__grad_accum=1)
+    stages = runs.two_stage_recipe(stdlib_datasets, s0__steps=2, s1__steps=2, s0__grad_accum=1, s1__grad_accum=1)
     sharded_cfg = runs.write_config(tmp_path / "z3.yaml", stages, model, {"zero_stage": 3})
-    sharded = runs.check(runs.run(runs.torchrun_cmd(2, runs.free_port()) + runs.train_args(sharded_cfg, tmp_path / "z3"),
+    sharded = runs.check(runs.run(runs.torchrun_cmd(2, env.free_port()) + runs.train_args(sharded_cfg, tmp_path / "z3"),
                                   log=tmp_path / "z3.log"))
     assert "into ZeRO-3 partitions (deepspeed.zero.Init)" in sharded.stdout
     want, got = runs.losses(tmp_path / "single"), runs.losses(tmp_path / "z3")

@@ -1,61 +1,14 @@
 """Fixtures for the eval tests: SentencePiece tokenizers trained in-test and tiny Llama folders."""
 from __future__ import annotations
 
-import io
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import shared_file
-
-BOOK_TRAIN_CHARS = 12000  # the tiny model is trained on this prefix of the book
-BOOK_HELDOUT = slice(300000, 330000)  # held-out text for the CLI test
-
-
-def train_spm(lines: list[str], vocab_size: int = 1024) -> bytes:
-    """A small BPE SentencePiece model; byte fallback so that every digit is representable."""
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-        minloglevel=2, num_threads=1)
-    return buf.getvalue()
-
-
-def stdlib_text(max_chars: int = 200_000) -> str:
-    """Real text present on every machine: the Python standard library's own sources."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
-    for name in ("argparse.py", "dataclasses.py", "inspect.py", "random.py", "textwrap.py"):
-        text = (root / name).read_text(encoding="utf-8")
-        parts.append(text)
-        total += len(text)
-        if total >= max_chars:
-            break
-    return "\n".join(parts)[:max_chars]
-
-
-def tiny_llama(vocab_size: int, max_pos: int = 128, rope: dict | None = None, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                      rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0})
-    return LlamaForCausalLM(cfg).eval()
-
-
-def save_hf(model, tokenizer_model: Path, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    shutil.copy(tokenizer_model, folder / "tokenizer.model")
-    return folder
-
+from tests.support.models import save_hf, tiny_llama
+from tests.support.paths import shared_file
+from tests.support.text import BOOK_TRAIN_CHARS, stdlib_text, train_spm
 
 @pytest.fixture(scope="session")
 def stdlib_spm(tmp_path_factory) -> Path:

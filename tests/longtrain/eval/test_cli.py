@@ -7,7 +7,7 @@ import pytest
 
 from longtrain.cli import main as longtrain_main
 
-from .conftest import BOOK_HELDOUT
+from tests.support.text import BOOK_HELDOUT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,8 @@ import torch
 from longtrain.eval.loading import EvalLoadError, check_rotary_matches_config, rope_settings
 from longtrain.eval.tokenizer import load_tokenizer
 
-from .conftest import stdlib_text, tiny_llama
+from tests.support.models import tiny_llama
+from tests.support.text import stdlib_text
 
 
 def _hf_tokenizer_folder(folder, bos: str | None):

@@ -11,7 +11,7 @@ from torch import nn
 from longtrain.eval.passkey import NEEDLE, build_prompt, evaluate_passkey, passkey_correct
 from longtrain.eval.tokenizer import load_tokenizer
 
-from .conftest import stdlib_text
+from tests.support.text import stdlib_text
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from longtrain.eval.perplexity import (PositionStats, limit_windows, perplexity_
                                        token_nll)
 from longtrain.eval.runner import EvalConfig, evaluate_model
 
-from .conftest import BOOK_TRAIN_CHARS, save_hf, tiny_llama
+from tests.support.models import save_hf, tiny_llama
+from tests.support.text import BOOK_TRAIN_CHARS
 
 
 def _scored_targets(windows, length):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from longtrain.parallel import init_parallel_states, local_token_index, ring_attention, ulysses_attention
+from tests.support import models
 
 
 def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -52,17 +53,11 @@ def kernel_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
 # model level: a tiny random HF model, SP vs one process on the same packed batch
 
 def tiny_model(arch: str, heads: int, kv_heads: int, sliding_window=None, seed: int = 0):
-    import transformers
-
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
     extra = {"sliding_window": sliding_window} if arch == "mistral" else {}
-    config = cls[0](vocab_size=1000, hidden_size=16 * heads, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                    attention_dropout=0.0, tie_word_embeddings=False, **extra)
-    torch.manual_seed(seed)  # identical weights on every rank
-    return cls[1](config).float().train()
+    model = models.tiny_model(arch, seed, vocab_size=1000, hidden_size=16 * heads, intermediate_size=96,
+                              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                              attention_dropout=0.0, tie_word_embeddings=False, **extra)
+    return model.float().train()  # seeded: identical weights on every rank
 
 
 def mask_rank_targets(rows: list[dict], total_padded: int, sp: int, sp_rank: int, mode: str) -> list[dict]:

@@ -7,7 +7,7 @@ import torch
 from longtrain.batching import make_packed_batch
 from longtrain.parallel import (ParallelState, check_sp_for_model, check_ulysses_heads, init_parallel_states,
                                 kv_repeat, local_token_index, padded_length, shard_batch, ulysses_degrees)
-from tests.longtrain.parallel._data import real_rows
+from tests.support.text import real_rows
 
 
 def test_state_layout_contiguous_groups():

@@ -12,7 +12,7 @@ import pytest
 
 import longtrain.attention  # noqa: F401  (imported once here; the forked ranks inherit it)
 from longtrain.parallel import local_token_index
-from tests.longtrain.parallel._dist import run_distributed
+from tests.support.distributed import run_distributed
 from tests.longtrain.parallel._workers import kernel_worker
 
 pytestmark = pytest.mark.multiproc

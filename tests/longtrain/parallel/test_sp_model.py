@@ -13,8 +13,8 @@ import pytest
 
 import longtrain.attention  # noqa: F401  (imported once here; the forked ranks inherit it)
 import transformers  # noqa: F401
-from tests.longtrain.parallel._data import real_rows
-from tests.longtrain.parallel._dist import run_distributed
+from tests.support.text import real_rows
+from tests.support.distributed import run_distributed
 from tests.longtrain.parallel._workers import model_worker
 
 pytest.importorskip("longtrain.loss", reason="longtrain/loss.py (chunked_lm_loss_sum) not landed yet")

@@ -20,8 +20,7 @@ import torch
 from longtrain.batching import make_packed_batch
 from longtrain.data import PreparedDataset
 from longtrain.parallel import ParallelState, shard_batch
-from tests.longtrain import runs
-from tests.longtrain.conftest import two_stage_recipe
+from tests.support import env, models, runs
 
 pytestmark = [pytest.mark.multiproc]
 PROBE = Path(__file__).with_name("sp_grad_probe.py")
@@ -59,7 +58,7 @@ def probe_config(tmp_path_factory, stdlib_tokenizer, stdlib_datasets) -> Path:
     data = _crafted_dataset(root / "data", stdlib_datasets[64])
     stage = {"name": "sp", "seq_len": 128, "rope": {"type": "default", "theta": 10000}, "data": str(data),
              "steps": 1, "lr": 1e-3, "micro_batch_size": 1, "grad_accum": 2}
-    model = {"config": runs.tiny_model_config(max_position_embeddings=128), "tokenizer": str(stdlib_tokenizer)}
+    model = {"config": models.tiny_model_config(max_position_embeddings=128), "tokenizer": str(stdlib_tokenizer)}
     return runs.write_config(root / "run.yaml", [stage], model, {"loss_chunk_tokens": 40})
 
 
@@ -81,10 +80,10 @@ def test_crafted_rows_cross_slices_and_starve_a_rank(probe_config):
 @pytest.mark.slow
 def test_sp2_loss_and_every_gradient_equal_one_process(tmp_path, probe_config):
     single = runs.check(runs.run([sys.executable, str(PROBE), str(probe_config), str(tmp_path), "1:ulysses:2"],
-                                 log=tmp_path / "single.log", **runs.single_rank_vars()))
+                                 log=tmp_path / "single.log", **env.single_rank_vars()))
     assert single.returncode == 0
     cmd = [str(runs.BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(runs.free_port()), str(PROBE), str(probe_config), str(tmp_path), *COMBOS]
+           str(env.free_port()), str(PROBE), str(probe_config), str(tmp_path), *COMBOS]
     runs.check(runs.run(cmd, log=tmp_path / "sp.log"))
     ref = torch.load(tmp_path / "1_ulysses_z2.pt")
     assert ref["targets"] > 0 and all(g is not None for g in ref["grads"].values())
@@ -108,17 +107,17 @@ def test_stages_changing_sp_size_match_reference_and_resume_exactly(tmp_path, mo
     """Two ranks: stage 1 data parallel (sp 1, dp 2), stage 2 sequence parallel (sp 2, dp 1), with the
     reference run's global batches. The Ulysses run is stopped after step 5 (one step after the sp
     change) and resumed; both must reproduce the single-process losses (fp32, <= 1e-5)."""
-    stages = two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__sp_size=2, s1__sp_mode=mode)
+    stages = runs.two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__sp_size=2, s1__sp_mode=mode)
     config = runs.write_config(tmp_path / "run.yaml", stages,
-                               {"config": runs.tiny_model_config(), "tokenizer": str(stdlib_tokenizer)},
+                               {"config": models.tiny_model_config(), "tokenizer": str(stdlib_tokenizer)},
                                {"zero_stage": zero})
     run_dir = tmp_path / "run"
-    launch = runs.torchrun_cmd(2, runs.free_port())
+    launch = runs.torchrun_cmd(2, env.free_port())
     if mode == "ulysses":
         runs.check(runs.run(launch + runs.train_args(config, run_dir, "--set", "train.stop_after_steps=5"),
                             log=tmp_path / "part1.log"))
         assert [r["step"] for r in runs.metrics(run_dir)] == [1, 2, 3, 4, 5]
-        launch = runs.torchrun_cmd(2, runs.free_port())
+        launch = runs.torchrun_cmd(2, env.free_port())
         resumed = runs.check(runs.run(launch + runs.train_args(config, run_dir, "--resume", "auto"),
                                       log=tmp_path / "part2.log"))
         assert "step_00000005" in resumed.stdout

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.longtrain.runs import free_port
+from tests.support.env import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:

@@ -1,59 +1,38 @@
-"""Helpers to prepare real data and launch real training runs (subprocesses, gloo on 127.0.0.1).
+"""Write run configs, launch real training runs (subprocesses, gloo on 127.0.0.1), read what they logged.
 
-The corpus is the Python standard library's own source code: real text present on every machine
-(CI included, where ../shared/data may be absent), with long-range repetition.
+The corpus of these runs is the Python standard library's own sources (``tests.support.text``):
+real text present on every machine, CI included, where ../shared/data may be absent.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.env import REPO_ROOT, child_env
+
 BIN = Path(sys.executable).parent
-# A fixed, version-robust subset of the standard library (~1 MB of code and docstrings).
-STDLIB_PACKAGES = ("json", "email", "http", "logging", "unittest")
 
 
-def stdlib_corpus() -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [str(stdlib / pkg / "**" / "*.py") for pkg in STDLIB_PACKAGES if (stdlib / pkg).is_dir()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".venv" / "torch_extensions"))
-    env.update(extra)
-    return env
-
-
-def single_rank_vars() -> dict[str, str]:
-    """torch.distributed's ``env://`` variables for one process (world size 1) on a free port of 127.0.0.1."""
-    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-
-
-def tiny_model_config(arch: str = "llama", vocab_size: int = 512, **over) -> dict:
-    cfg = {"model_type": arch, "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 64, "tie_word_embeddings": arch != "mistral"}
-    cfg.update(over)
-    return cfg
+def two_stage_recipe(datasets: dict[int, Path], **stage_over) -> list[dict]:
+    """Stage 1: 64 tokens at base 10k; stage 2: 128 tokens at base 1M (the mission's recipe, tiny)."""
+    stages = [
+        {"name": "s64_base10k", "seq_len": 64, "rope": {"type": "default", "theta": 10000},
+         "data": str(datasets[64]), "steps": 4, "lr": 2e-3, "warmup_steps": 1, "micro_batch_size": 2,
+         "grad_accum": 2},
+        {"name": "s128_base1M", "seq_len": 128, "rope": {"type": "default", "theta": 1000000},
+         "data": str(datasets[128]), "steps": 4, "lr": 1e-3, "micro_batch_size": 1, "grad_accum": 2},
+    ]
+    for key, value in stage_over.items():
+        index, _, field = key.partition("__")
+        stages[int(index[1:])][field] = value
+    return stages
 
 
 def write_config(path: Path, stages: list[dict], model: dict, train: dict | None = None) -> Path:
