@@ -72,17 +72,15 @@ class BaselineLoss:
         return _Module(hf_model)
 
 
-def build_engine(variant: str, seq_len: int, data: Path):
-    """A DeepSpeed engine for ``variant`` (baseline | longtrain) and a batch source."""
-    import deepspeed
-    import torch
-
-    from longtrain.attention import register_attention
+def build_variant(variant: str, seq_len: int, data: Path):
+    """A DeepSpeed engine for ``variant`` (baseline | longtrain) and a batch source. Both are assembled
+    by the trainer's own builder (``longtrain.engine``); only the attention and loss module differ."""
     from longtrain.config import config_from_dict
     from longtrain.data import PreparedDataset
+    from longtrain.distributed import init_distributed
     from longtrain.ds_config import build_deepspeed_config
+    from longtrain.engine import build_engine, loss_module
     from longtrain.model import load_model
-    from longtrain.trainer import CausalLMLoss, enable_activation_checkpointing, init_distributed, param_groups
 
     init_distributed()
     cfg = config_from_dict({"model": {"config": dict(MODEL, max_position_embeddings=seq_len), "init_seed": 0},
@@ -90,16 +88,8 @@ def build_engine(variant: str, seq_len: int, data: Path):
                             "stages": [{"seq_len": seq_len, "rope": {"type": "default", "theta": 10000},
                                         "data": str(data), "lr": 3e-4, "steps": 1}]})
     hf_model = load_model(cfg.model)
-    if variant == "longtrain":
-        register_attention()
-        hf_model.set_attn_implementation("longtrain")
-        enable_activation_checkpointing(hf_model)
-        module = CausalLMLoss(hf_model, cfg.train.loss_chunk_tokens)
-    else:
-        module = BaselineLoss.build(hf_model)
-    module.train()  # as the trainer does: from_pretrained / eval mode would skip checkpointing
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, 0.1),
-                                      config=build_deepspeed_config(cfg, 1, False))
+    module = loss_module(hf_model, cfg.train) if variant == "longtrain" else BaselineLoss.build(hf_model)
+    engine = build_engine(module, build_deepspeed_config(cfg, 1, False), 0.1)
     return engine, PreparedDataset(data)
 
 
@@ -132,7 +122,7 @@ def speed(args) -> dict:
     results = {}
     peak = measure_matmul_peak(torch.device("cpu"))
     for variant in ("baseline", "longtrain"):
-        engine, dataset = build_engine(variant, args.seq_len, data)
+        engine, dataset = build_variant(variant, args.seq_len, data)
         train_steps(engine, dataset, 1, first_row=len(dataset) - 1)  # warm-up (allocator, first calls)
         losses, seconds, tokens, sum_sq = train_steps(engine, dataset, args.steps)
         hf = engine.module.hf_model
@@ -159,7 +149,7 @@ def probe_child(variant: str, seq_len: int, data: str, budget: int) -> None:
             time.sleep(0.005)
 
     threading.Thread(target=watchdog, daemon=True).start()
-    engine, dataset = build_engine(variant, seq_len, Path(data))
+    engine, dataset = build_variant(variant, seq_len, Path(data))
     train_steps(engine, dataset, 2)
     # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the benchmark parent's peak.
     peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))

@@ -1,14 +1,14 @@
 """Thin entry points: ``longtrain prepare | inspect | tokenizer`` (argparse -> library call).
 
-Each ``*_main(argv)`` returns an exit code: 0 on success, 1 for a user error (printed as one
-message, no traceback), 2 for a command-line usage error, 130 when interrupted.
+Each ``*_main(argv)`` returns an exit code (longtrain.errors, README "Exit codes"): 0 on success, 2 for
+bad input or a command-line usage error (printed as one line, no traceback), 130 when interrupted
+(nothing is written to the output folder then).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
-from data_prep.errors import DataPrepError
+from longtrain.errors import run_command
 
 
 def _run(prog: str, parser: argparse.ArgumentParser, argv: list[str], action) -> int:
@@ -16,15 +16,7 @@ def _run(prog: str, parser: argparse.ArgumentParser, argv: list[str], action) ->
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse printed it already
         return int(exc.code or 0)
-    try:
-        action(args)
-        return 0
-    except DataPrepError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
+    return run_command(prog, lambda: action(args), "interrupted; nothing was written to the output folder")
 
 
 def _input_args(p: argparse.ArgumentParser, weights: bool = True) -> None:

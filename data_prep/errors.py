@@ -1,12 +1,14 @@
 """User-facing errors of data prep: reported as one message and a non-zero exit code, no traceback."""
 from __future__ import annotations
 
+from longtrain.errors import UserError  # torch-free: data prep never imports torch
 
-class DataPrepError(Exception):
+
+class DataPrepError(UserError):
     """A problem the user can fix (bad option, bad input, missing file).
 
     The message names what is wrong (file, line, option) and what to do; the CLI prints it
-    without a traceback and exits with status 1.
+    without a traceback and exits with status 2 (longtrain.errors).
     """
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longtrain.errors import UserError
+
 STATE_FILE = "longtrain_state.json"
 COMPLETE_FILE = "COMPLETE"
 HF_CONFIG_DIR = "hf_config"
@@ -28,12 +30,17 @@ STATE_FORMAT = 1
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message says which folder and why."""
 
 
 def tag_for(global_step: int) -> str:
     return f"step_{global_step:08d}"
+
+
+def periodic_save_due(every: int, global_step: int) -> bool:
+    """``train.checkpoint_every``: a save every N global steps (0: none; stage ends and stops save anyway)."""
+    return bool(every) and global_step % every == 0
 
 
 def is_complete(tag_dir: Path) -> bool:

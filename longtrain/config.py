@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from longtrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key (e.g. ``stages.1.rope.theta``)."""
 
 

@@ -88,6 +88,26 @@ def check_stage_dataset(dataset: PreparedDataset, stage: StageConfig, where: str
             "or set model.tokenizer")
 
 
+def open_stage_datasets(stages: list[StageConfig], tokenizer_identity: dict[str, Any] | None,
+                        vocab_size: int) -> list[PreparedDataset]:
+    """Every stage's dataset, each checked against its stage and the model (ConfigError naming the stage)."""
+    datasets = []
+    for i, stage in enumerate(stages):
+        dataset = PreparedDataset(stage.data)
+        check_stage_dataset(dataset, stage, f"stages.{i}", tokenizer_identity, vocab_size)
+        datasets.append(dataset)
+    return datasets
+
+
+def datasets_tokenizer(datasets: list[PreparedDataset]) -> Path | None:
+    """The tokenizer a run without ``model.tokenizer`` adopts: the one every dataset was prepared with."""
+    hashes = {d.tokenizer.get("sha256") for d in datasets}
+    if len(hashes) > 1:
+        raise ConfigError("stages use datasets prepared with different tokenizers; set model.tokenizer")
+    path = datasets[0].tokenizer.get("path")
+    return Path(path) if path and Path(path).exists() else None
+
+
 @dataclass(frozen=True)
 class StepLayout:
     """How the rows of one optimizer step are split over data-parallel ranks and micro-batches."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longtrain.errors import EXIT_VERIFY_FAILED, report, run_command
+
 DESCRIPTION = """\
 Export a longtrain checkpoint to a Hugging Face model folder: safetensors shards, config.json with
 the RoPE setting of the stage reached (rope_parameters for transformers 5.x and rope_theta /
@@ -51,25 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from longtrain.checkpoint import CheckpointError
-    from longtrain.export import ExportError, VerificationError, export_checkpoint
+    return run_command("longtrain export", lambda: _export(args))
 
-    def log(text: str) -> None:
-        print(text, flush=True)
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _export(args: argparse.Namespace) -> int:
+    # Imported after parsing: torch, deepspeed and transformers take seconds to import.
+    from longtrain.export import VerificationError, export_checkpoint
 
     try:
         result = export_checkpoint(
             args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, max_shard_size=args.max_shard_size,
             verify=args.verify, overwrite=args.overwrite, verify_rows=args.verify_rows,
-            verify_tokens=args.verify_tokens, progress=not args.no_progress, log=log)
-    except VerificationError as exc:
-        print(f"longtrain export: {exc}", file=sys.stderr)
-        return 1
-    except (ExportError, CheckpointError) as exc:
-        print(f"longtrain export: {exc}", file=sys.stderr)
-        return 2
-    log(f"exported {result.tag_dir.name} (step {result.global_step}, {result.n_params:,} parameters, "
-        f"{result.dtype}) to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
+            verify_tokens=args.verify_tokens, progress=not args.no_progress, log=_log)
+    except VerificationError as exc:  # a UserError too, but its own exit code
+        report("longtrain export", str(exc))
+        return EXIT_VERIFY_FAILED
+    _log(f"exported {result.tag_dir.name} (step {result.global_step}, {result.n_params:,} parameters, "
+         f"{result.dtype}) to {result.out} in {result.seconds:.1f} s: {', '.join(result.files)}")
     return 0
 
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+import yaml
+
+from longtrain.config import load_config
+from longtrain.errors import run_command
 
 EPILOG = """examples:
   longtrain train --config configs/tiny_cpu.yaml --run-dir runs/tiny
@@ -29,23 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from longtrain.config import ConfigError, load_config
+    return run_command("longtrain train", lambda: _train(args))
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"longtrain train: config error: {exc}", file=sys.stderr)
-        return 2
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from longtrain.checkpoint import CheckpointError
+    # Imported after the config is read: torch, deepspeed and transformers take seconds to import,
+    # and a config error should not wait for them.
     from longtrain.trainer import train
 
-    try:
-        return train(cfg, args.run_dir, args.resume)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"longtrain train: error: {exc}", file=sys.stderr)
-        return 2
+    return train(cfg, args.run_dir, args.resume)

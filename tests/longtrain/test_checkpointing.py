@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from longtrain.attention import register_attention
 from longtrain.batching import make_packed_batch
-from longtrain.trainer import CausalLMLoss, enable_activation_checkpointing
+from longtrain.activation_checkpointing import enable_activation_checkpointing
+from longtrain.engine import CausalLMLoss
 from tests.support import models
 
 FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default

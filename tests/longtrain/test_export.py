@@ -88,7 +88,7 @@ def _step_loss(model, run_dir: Path, step: int) -> float:
     from longtrain.attention import register_attention
     from longtrain.batching import make_packed_batch
     from longtrain.data import PreparedDataset
-    from longtrain.trainer import CausalLMLoss
+    from longtrain.engine import CausalLMLoss
 
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
     record = next(r for r in runs.metrics(run_dir) if r["step"] == step)
@@ -441,7 +441,6 @@ FORMATS = {
 def make_format_checkpoints(out: Path) -> None:
     """One engine per layout in FORMATS (every rank), one optimizer step on a packed batch of random
     rows, then the engine's own logits on a probe and a longtrain checkpoint (checkpoint.save)."""
-    import deepspeed
     import numpy as np
     import torch.distributed as dist
 
@@ -450,8 +449,9 @@ def make_format_checkpoints(out: Path) -> None:
     from longtrain.config import config_from_dict
     from longtrain.ds_config import build_deepspeed_config
     from longtrain.model import load_model
+    from longtrain.distributed import init_distributed
+    from longtrain.engine import CausalLMLoss, build_engine
     from longtrain.rope import apply_rope, rope_parameters
-    from longtrain.trainer import CausalLMLoss, init_distributed, param_groups
 
     init_distributed()
     rng = np.random.default_rng(dist.get_rank())
@@ -466,8 +466,7 @@ def make_format_checkpoints(out: Path) -> None:
                                 "train": train, "deepspeed": {"zero_force_ds_cpu_optimizer": False}})
         model = load_model(cfg.model)
         model.set_attn_implementation(register_attention())
-        engine, *_ = deepspeed.initialize(model=CausalLMLoss(model, 48), config=build_deepspeed_config(cfg, 2, False),
-                                          model_parameters=param_groups(model, 0.1))
+        engine = build_engine(CausalLMLoss(model, 48), build_deepspeed_config(cfg, 2, False), 0.1)
         params = rope_parameters(stage["rope"], original_max_position_embeddings=64)
         apply_rope(model, params, 64)  # after initialize, as the trainer does (bf16 cast inv_freq)
         loss = engine(batch.input_ids, batch.position_ids, batch.labels, batch.cu_seqlens, batch.max_seqlen)

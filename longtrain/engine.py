@@ -1,0 +1,78 @@
+"""What DeepSpeed wraps and how: the loss module, parameter groups, and the one engine builder.
+
+Used by the trainer, the benchmarks and the tests alike (one way to assemble an engine):
+``loss_module(hf_model, train_cfg)`` selects our document-masked attention and activation
+checkpointing on a loaded model and wraps it with :class:`CausalLMLoss`; ``build_engine(module,
+ds_config, weight_decay)`` hands it to ``deepspeed.initialize``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+
+from longtrain.activation_checkpointing import enable_activation_checkpointing
+from longtrain.attention import register_attention
+from longtrain.config import TrainConfig
+from longtrain.loss import chunked_lm_loss_sum, default_chunk_tokens
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Returns the *sum* of token cross-entropies of a packed micro-batch (docs/internals.md).
+
+    Wrapping (rather than calling the HF model's own loss) lets DeepSpeed see one forward whose
+    output is the loss, while the logits are computed chunk by chunk and never held in full.
+    Parameter names gain the prefix ``hf_model.``; export strips it.
+    """
+
+    def __init__(self, hf_model: torch.nn.Module, loss_chunk_tokens: int | None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.loss_chunk_tokens = loss_chunk_tokens or default_chunk_tokens(hf_model.config.vocab_size)
+
+    def forward(self, input_ids, position_ids, labels, cu_seqlens, max_seqlen: int):
+        # input_ids, position_ids, labels: (1, T); cu_seqlens: (n_segments + 1,) int32
+        out = self.hf_model.model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False,
+            cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
+        return chunked_lm_loss_sum(out.last_hidden_state, self.hf_model.lm_head, labels, self.loss_chunk_tokens)
+
+    def batch_loss_sum(self, batch) -> torch.Tensor:
+        """The loss sum of a ``longtrain.batching.PackedBatch`` already on this module's device."""
+        return self(batch.input_ids, batch.position_ids, batch.labels, batch.cu_seqlens, batch.max_seqlen)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only (biases, norm weights and other 1-D tensors are not decayed)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            # A parameter already partitioned by zero.Init is a flat stub: its real shape is ds_shape.
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (decay if ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def loss_module(hf_model: torch.nn.Module, train: TrainConfig) -> CausalLMLoss:
+    """The loaded model prepared for training: document-masked attention, no KV cache, activation
+    checkpointing as configured, wrapped with the chunked loss."""
+    hf_model.set_attn_implementation(register_attention())
+    hf_model.config.use_cache = False
+    if train.activation_checkpointing:
+        # Under ZeRO-3 DeepSpeed gathers and frees parameters inside every layer, so the
+        # recomputation's op sequence differs from the forward's, which torch's selective
+        # checkpointing refuses ("encountered during backward but not found in storage"):
+        # full recomputation there.
+        enable_activation_checkpointing(hf_model, keep_attention=train.zero_stage < 3)
+    return CausalLMLoss(hf_model, train.loss_chunk_tokens)
+
+
+def build_engine(module: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float):
+    """``deepspeed.initialize`` on ``module`` in training mode, with our parameter groups."""
+    # from_pretrained returns a model in eval mode, where transformers silently skips activation
+    # checkpointing (and dropout): training mode, explicitly.
+    module.train()
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, weight_decay),
+                                           config=ds_config)
+    return engine
