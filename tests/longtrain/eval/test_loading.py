@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longtrain.eval.loading import EvalLoadError, check_rotary_matches_config, rope_settings
-from longtrain.eval.tokenizer import load_tokenizer
+from longtrain.eval.loading import EvalLoadError, check_rotary_matches_config, load_tokenizer, rope_settings
 
 from tests.support.models import tiny_llama
 from tests.support.text import stdlib_text
@@ -28,7 +27,7 @@ def _hf_tokenizer_folder(folder, bos: str | None):
 @pytest.mark.parametrize("bos", ["<s>", None])
 def test_transformers_tokenizer_backend(tmp_path, bos):
     tok = load_tokenizer(_hf_tokenizer_folder(tmp_path, bos))
-    assert tok.backend == "transformers"
+    assert tok.kind == "hf"  # tokenizer.json through the `tokenizers` library, as data prep reads it
     text = "The pass key is 40712. Remember it."
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -40,7 +39,7 @@ def test_transformers_tokenizer_backend(tmp_path, bos):
 
 def test_sentencepiece_backend(stdlib_spm):
     tok = load_tokenizer(stdlib_spm)  # a tokenizer.model file given directly
-    assert tok.backend == "sentencepiece" and tok.bos_id == 1 and len(tok.sha256) == 64
+    assert tok.kind == "sentencepiece" and tok.bos_id == 1 and len(tok.sha256) == 64
     assert tok.decode(tok.encode("def f(x): return 40712")) == "def f(x): return 40712"
 
 
