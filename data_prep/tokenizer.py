@@ -61,6 +61,10 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         self.file, self.kind = resolve_tokenizer_file(path)
+        given = Path(path).expanduser()
+        # tokenizer_config.json is looked for beside the path given, not beside the resolved file: a
+        # Hugging Face cache snapshot links each file to its own blob.
+        self._config_dir = given if given.is_dir() else given.parent
         self.sha256 = file_sha256(self.file)
         if self.kind == "sentencepiece":
             self._load_sentencepiece()
@@ -94,7 +98,7 @@ class Tokenizer:
         except Exception as exc:
             raise DataPrepError(f"could not load {self.file} as an HF tokenizer.json ({exc}); {_HINT}") from None
         self.vocab_size = int(self._hf.get_vocab_size(with_added_tokens=True))
-        specials, _ = read_special_tokens(self.file.parent)
+        specials, _ = read_special_tokens(self._config_dir)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
             self._hf.token_to_id(specials[name]) if name in specials else None
             for name in ("bos_token", "eos_token", "pad_token", "unk_token"))

@@ -22,6 +22,10 @@ from longtrain.export.files import DTYPES
 from longtrain.rope import rotary_modules
 
 
+# What data prep's Tokenizer reads from a folder (tokenizer_config.json: the special tokens of a tokenizer.json).
+HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 class EvalLoadError(ValueError):
     """A MODEL argument could not be loaded; the message says which and what to do."""
 
@@ -71,10 +75,22 @@ def load_eval_model(path: str, name: str | None = None, device: str = "cpu", dty
         except OSError as exc:
             raise EvalLoadError(f"MODEL {path}: cannot load it as a HF causal LM ({exc})") from exc
         check_rotary_matches_config(model, path)
-        tokenizer_path = path
+        tokenizer_path = path if Path(path).exists() else _hub_tokenizer_folder(path)
     model = model.to(device).eval()
     reset_rotary_embeddings(model)
     return EvalModel(name or Path(path).name, str(path), kind, model, load_tokenizer(tokenizer_path))
+
+
+def _hub_tokenizer_folder(name: str) -> Path:
+    """A Hub model's tokenizer files as a local folder (the cached snapshot when offline): data prep's
+    loader reads files, it does not know the Hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(HUB_TOKENIZER_FILES)))
+    except Exception as exc:  # offline and not cached, unknown repo, no network: all one user error
+        raise EvalLoadError(f"MODEL {name}: cannot fetch its tokenizer files from the Hub ({exc}); download the "
+                            f"model into a folder and pass that folder") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
