@@ -35,9 +35,9 @@ class InputSpec:
     weight: float = 1.0
 
 
-def parse_input_spec(spec: str) -> InputSpec:
+def parse_input_spec(spec: str, option: str = "--input") -> InputSpec:
     """``PATH`` or ``PATH:WEIGHT`` (WEIGHT a positive number). A path that itself exists wins,
-    so a file whose name ends in ``:2`` can still be read."""
+    so a file whose name ends in ``:2`` can still be read. ``option`` names the flag in errors."""
     if ":" in spec and not Path(spec).exists():
         path, tail = spec.rsplit(":", 1)
         try:
@@ -46,7 +46,7 @@ def parse_input_spec(spec: str) -> InputSpec:
             weight = None
         if weight is not None:
             if not (math.isfinite(weight) and weight > 0):
-                raise DataPrepError(f"--input {spec}: the weight must be a positive number (2.0 = every "
+                raise DataPrepError(f"{option} {spec}: the weight must be a positive number (2.0 = every "
                                     "document twice, 0.5 = half of the tokens)")
             return InputSpec(path, weight)
     return InputSpec(spec, 1.0)
@@ -96,9 +96,10 @@ def _is_datasets_folder(p: Path) -> bool:
     return (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
 
 
-def resolve_source(spec: InputSpec, index: int) -> Source:
-    """Find the files of one input, or raise a :class:`DataPrepError` saying what is missing."""
-    where = f"--input {spec.path}"
+def resolve_source(spec: InputSpec, index: int, option: str = "--input") -> Source:
+    """Find the files of one input, or raise a :class:`DataPrepError` saying what is missing
+    (``option``: the flag the path came from, as the messages name it)."""
+    where = f"{option} {spec.path}"
     split = _split_glob(spec.path)
     p = Path(spec.path).expanduser()
     if split is None and p.is_file():
@@ -110,11 +111,11 @@ def resolve_source(spec: InputSpec, index: int) -> Source:
         if (p / "dataset_dict.json").is_file():
             splits = sorted(d.name for d in p.iterdir() if d.is_dir() and _is_datasets_folder(d))
             raise DataPrepError(f"{where}: this is a datasets DatasetDict with splits {splits}; "
-                                f"pass one split's folder, e.g. --input {p / (splits[0] if splits else 'train')}")
+                                f"pass one split's folder, e.g. {option} {p / (splits[0] if splits else 'train')}")
         split = (p, "**/*")
     if split is None:
         raise DataPrepError(f"{where}: no such file or folder; check the path (globs: quote them, "
-                            "e.g. --input 'src/**/*.py')")
+                            f"e.g. {option} 'src/**/*.py')")
     root, pattern = split
     root = root.expanduser()
     if not root.is_dir():
@@ -290,6 +291,21 @@ def iter_documents(source: Source, opts: ReadOptions) -> Iterator[RawDoc]:
         return
     for path in source.files:
         yield from _read_file(path, opts)
+
+
+def good_documents(source: Source, opts: ReadOptions, skip_bad: bool, skipped: dict) -> Iterator[RawDoc]:
+    """The readable documents of ``source``, in order, with the bad-document rule of every command
+    that reads text (``longtrain tokenizer`` and ``eval``; ``prepare`` keeps its own loop, which also
+    numbers documents for its split): a bad one raises its :class:`BadDocument` (file, line, reason,
+    what to do), or with ``skip_bad`` is counted in ``skipped[reason]`` and left out. Blank JSONL
+    lines are no documents and are left out silently."""
+    for raw in iter_documents(source, opts):
+        if raw.bad is not None:
+            if not skip_bad:
+                raise raw.bad
+            skipped[raw.bad.reason] = skipped.get(raw.bad.reason, 0) + 1
+        elif raw.text is not None:
+            yield raw
 
 
 @dataclass

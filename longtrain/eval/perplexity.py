@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from longtrain.loss import lm_cross_entropy, logit_softcap
+
 
 LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits computed at once
 
@@ -63,22 +65,19 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_rows: int = 1024)
 
     Calls the decoder once and the LM head on ``chunk_rows`` positions (all rows of the batch) at a
     time. Own code instead of ``model(...).logits``: that returns all (B, L, vocab) logits at once.
-    longtrain.loss returns a sum for training; here we need every position's loss.
+    The logits -> loss step is training's (``longtrain.loss.lm_cross_entropy``, with the model's
+    soft-capping if any), per position instead of summed.
     """
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, E)
     lm_head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = logit_softcap(model.config)
     batch, length = input_ids.shape
     targets = input_ids[:, 1:]  # (B, L-1)
     out = torch.empty(batch, length - 1, dtype=torch.float32, device=input_ids.device)
     step = max(1, chunk_rows // batch)
     for s in range(0, length - 1, step):
         e = min(s + step, length - 1)
-        logits = lm_head(hidden[:, s:e]).float()  # (B, c, V)
-        if cap:  # Gemma-2 style soft-capping (absent in Llama / Qwen2 / Mistral)
-            logits = torch.tanh(logits / cap) * cap
-        nll = F.cross_entropy(logits.flatten(0, 1), targets[:, s:e].flatten(), reduction="none")
-        out[:, s:e] = nll.view(batch, e - s)
+        out[:, s:e] = lm_cross_entropy(hidden[:, s:e], lm_head, targets[:, s:e], cap, reduction="none")  # (B, c)
     return out
 
 

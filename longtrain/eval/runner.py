@@ -36,7 +36,11 @@ class EvalConfig:
     """0 skips passkey retrieval."""
     passkey_max_new_tokens: int = 8
     filler: str | None = None
-    """Text file whose tokens fill passkey prompts; None: the --data documents."""
+    """An input (as --data) whose tokens fill passkey prompts; None: the --data documents."""
+    text_field: str = "text"
+    """JSONL field / Parquet or datasets column holding the text (as `longtrain prepare --text-field`)."""
+    skip_bad: bool = False
+    """Skip and count bad documents instead of stopping at the first (as `longtrain prepare --skip-bad`)."""
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
@@ -91,7 +95,7 @@ def evaluate_model(model: EvalModel, data: EvalData, cfg: EvalConfig, filler_dat
     if cfg.passkey_trials:
         check_passkey_setup(model.tokenizer, passkey_lengths, cfg.passkey_max_new_tokens)
     entry = {"name": model.name, "path": model.path, "kind": model.kind,
-             "rope": rope_settings(model.model.config), "tokenizer": model.tokenizer.describe(),
+             "rope": rope_settings(model.model.config), "tokenizer": model.tokenizer.identity(),
              "parameters": sum(p.numel() for p in model.model.parameters()), "perplexity": {}}
     for length in lengths:
         reset_rotary_embeddings(model.model)  # DESIGN.md 3b trap b: no stale dynamic-NTK base
@@ -121,8 +125,8 @@ def run_eval(model_paths: list[str], data_paths: list[str], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_names(model_paths, names)
-    data = read_data(data_paths)
-    filler_data = read_data([cfg.filler]) if cfg.filler else None
+    data = read_data(data_paths, cfg.text_field, cfg.skip_bad)
+    filler_data = read_data([cfg.filler], cfg.text_field, cfg.skip_bad) if cfg.filler else None
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
     results = {"format": 1, "longtrain_version": longtrain.__version__, "settings": settings,
                "data": data.describe(), "models": []}
