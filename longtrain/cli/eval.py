@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from longtrain.errors import run_command
 
 EXAMPLE = """example:
   longtrain eval runs/base/export runs/long/export --names base long \\
@@ -49,22 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from longtrain.eval.loading import EvalLoadError
+    return run_command("longtrain eval", lambda: _eval(args))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    # Imported after parsing: torch and transformers take seconds to import.
     from longtrain.eval.report import markdown_table
     from longtrain.eval.runner import EvalConfig, run_eval
 
-    try:
-        cfg = EvalConfig(
-            lengths=args.lengths, stride=args.stride, bucket_size=args.bucket_size,
-            max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths,
-            passkey_depths=tuple(args.passkey_depths), passkey_trials=args.passkey_trials,
-            filler=args.filler, text_field=args.text_field, skip_bad=args.skip_bad, seed=args.seed, device=args.device, dtype=args.dtype,
-            attn_implementation=args.attn_implementation, batch_tokens=args.batch_tokens,
-            progress=not args.no_progress)
-        results = run_eval(args.models, args.data, args.out, cfg, names=args.names)
-    except (ValueError, EvalLoadError) as exc:
-        print(f"longtrain eval: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = EvalConfig(
+        lengths=args.lengths, stride=args.stride, bucket_size=args.bucket_size,
+        max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths,
+        passkey_depths=tuple(args.passkey_depths), passkey_trials=args.passkey_trials,
+        filler=args.filler, text_field=args.text_field, skip_bad=args.skip_bad, seed=args.seed,
+        device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+        batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    results = run_eval(args.models, args.data, args.out, cfg, names=args.names)
     print(markdown_table(results))
     for key, path in results["files"].items():
         print(f"{key}: {path}")

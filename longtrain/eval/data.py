@@ -27,6 +27,7 @@ from data_prep.errors import DataPrepError
 from data_prep.sources import ReadOptions, good_documents, parse_input_spec, resolve_source
 from data_prep.tokenizer import Tokenizer, identity_mismatches
 from longtrain.data import PreparedDataset  # its errors are ConfigError, a ValueError
+from longtrain.eval.errors import EvalError
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,16 @@ def _read_texts(paths: list[str], opts: ReadOptions, skip_bad: bool) -> EvalData
 def read_data(paths: list[str], text_field: str = "text", skip_bad: bool = False) -> EvalData:
     """Read ``--data``: one prepared dataset folder, or any mix of the inputs ``longtrain prepare`` reads."""
     if not paths:
-        raise ValueError("--data: give at least one file or folder")
+        raise EvalError("--data: give at least one file or folder")
     prepared = [p for p in paths if (Path(p) / "meta.json").is_file()]
     if prepared:
         if len(paths) != 1:
-            raise ValueError("--data: a prepared dataset folder (with meta.json) must be the only --data input")
+            raise EvalError("--data: a prepared dataset folder (with meta.json) must be the only --data input")
         return _read_prepared(Path(prepared[0]))
     try:
         return _read_texts(paths, ReadOptions(text_field=text_field), skip_bad)
-    except DataPrepError as exc:  # eval's input errors are ValueErrors (exit 2) until one error base exists
-        raise ValueError(str(exc)) from None
+    except DataPrepError as exc:  # eval's own error (a ValueError too, as eval's errors always were)
+        raise EvalError(str(exc)) from None
 
 
 def _check_dataset_tokenizer(data: EvalData, tokenizer: Tokenizer) -> None:
@@ -100,7 +101,7 @@ def _check_dataset_tokenizer(data: EvalData, tokenizer: Tokenizer) -> None:
     diffs = identity_mismatches(ident, tokenizer.identity())
     if diffs:
         key, theirs, ours = diffs[0]
-        raise ValueError(
+        raise EvalError(
             f"{data.meta_path}: tokenizer.{key} = {theirs!r} but the model's tokenizer "
             f"({tokenizer.file}) has {ours!r}; evaluate with a dataset prepared with the model's "
             f"tokenizer, or pass the raw text files instead")
@@ -122,5 +123,5 @@ def filler_tokens(docs: list[np.ndarray], tokenizer: Tokenizer) -> np.ndarray:
     parts = [d[1:] if bos is not None and len(d) and d[0] == bos else d for d in docs]
     stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if len(stream) == 0:
-        raise ValueError("passkey filler: the documents hold no tokens")
+        raise EvalError("passkey filler: the documents hold no tokens")
     return stream

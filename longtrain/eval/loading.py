@@ -18,6 +18,7 @@ from torch import nn
 from data_prep.errors import DataPrepError
 from data_prep.tokenizer import Tokenizer
 from longtrain import checkpoint
+from longtrain.eval.errors import EvalLoadError
 from longtrain.export.files import DTYPES
 from longtrain.rope import rotary_modules
 
@@ -26,8 +27,6 @@ from longtrain.rope import rotary_modules
 HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-class EvalLoadError(ValueError):
-    """A MODEL argument could not be loaded; the message says which and what to do."""
 
 
 @dataclasses.dataclass
@@ -99,7 +98,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     eval encodes text into exactly the ids ``longtrain prepare`` and training use."""
     try:
         return Tokenizer(path)
-    except DataPrepError as exc:  # eval's load errors are EvalLoadError (exit 2) until one error base exists
+    except DataPrepError as exc:  # named as the MODEL argument whose tokenizer it is
         raise EvalLoadError(f"MODEL {path}: {exc}") from None
 
 

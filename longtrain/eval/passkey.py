@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_prep.tokenizer import Tokenizer
+from longtrain.eval.errors import EvalError
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -52,13 +53,13 @@ def build_prompt(tokenizer: Tokenizer, filler: np.ndarray, prompt_len: int, dept
     """A prompt of exactly ``prompt_len`` tokens with the needle at ``depth`` of the filler, which is
     taken from ``filler`` (a token stream, read cyclically) starting at ``offset``."""
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"passkey depth {depth}: must be between 0 and 1")
+        raise EvalError(f"passkey depth {depth}: must be between 0 and 1")
     prefix = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(INTRO)
     needle = tokenizer.encode(NEEDLE.format(key=key))
     question = tokenizer.encode(QUESTION)
     filler_len = prompt_len - len(prefix) - len(needle) - len(question)
     if filler_len < 0:
-        raise ValueError(f"passkey length: a prompt of {prompt_len} tokens cannot hold the "
+        raise EvalError(f"passkey length: a prompt of {prompt_len} tokens cannot hold the "
                          f"{prompt_len - filler_len} tokens of instructions; use longer --passkey-lengths")
     span = np.take(filler, np.arange(offset, offset + filler_len), mode="wrap").tolist()
     a = round(depth * filler_len)
@@ -97,7 +98,7 @@ def check_digits(tokenizer: Tokenizer) -> None:
     key = "1234567890"
     decoded = tokenizer.decode(tokenizer.encode(key), skip_special=True).strip()
     if decoded != key:
-        raise ValueError(f"tokenizer {tokenizer.file} cannot represent digits ({key!r} decodes as "
+        raise EvalError(f"tokenizer {tokenizer.file} cannot represent digits ({key!r} decodes as "
                          f"{decoded!r}): passkey retrieval needs them; pass --passkey-trials 0")
 
 

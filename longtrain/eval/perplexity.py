@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longtrain.loss import lm_cross_entropy, logit_softcap
+from longtrain.eval.errors import EvalError
 
 
 LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits computed at once
@@ -45,9 +46,9 @@ class Window:
 def plan_windows(n_tokens: int, length: int, stride: int | None = None, doc: int = 0) -> list[Window]:
     """Windows of ``length`` tokens over a document of ``n_tokens`` (none when it is shorter)."""
     if length < 2:
-        raise ValueError(f"length {length}: need at least 2 tokens per window")
+        raise EvalError(f"length {length}: need at least 2 tokens per window")
     if stride is not None and not 1 <= stride <= length - 1:
-        raise ValueError(f"--stride {stride}: must be between 1 and length - 1 = {length - 1}")
+        raise EvalError(f"--stride {stride}: must be between 1 and length - 1 = {length - 1}")
     if n_tokens < length:
         return []
     step = length - 1 if stride is None else stride
@@ -93,7 +94,7 @@ def check_chunked_loss(model: nn.Module, vocab_size: int, n: int = 16) -> None:
     # bf16 / fp16 matmuls of different shapes round differently: a looser bound there
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not torch.allclose(ours[0], ref, rtol=tol, atol=tol):
-        raise ValueError(f"{type(model).__name__}: its logits are not lm_head(hidden states); "
+        raise EvalError(f"{type(model).__name__}: its logits are not lm_head(hidden states); "
                          f"eval's chunked loss does not support this architecture")
 
 
@@ -155,7 +156,7 @@ def perplexity_at_length(model: nn.Module, docs: list[np.ndarray], length: int, 
     windows = [w for i, d in enumerate(docs) for w in plan_windows(len(d), length, stride, doc=i)]
     if not windows:
         longest = max((len(d) for d in docs), default=0)
-        raise ValueError(f"length {length}: no document has {length} tokens (longest: {longest}); "
+        raise EvalError(f"length {length}: no document has {length} tokens (longest: {longest}); "
                          f"use shorter --lengths or longer documents")
     windows = limit_windows(windows, length, max_tokens)
     bucket_size = bucket_size or max(1, length // 16)

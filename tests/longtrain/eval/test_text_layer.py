@@ -89,7 +89,7 @@ def _prepare_error(capsys, tmp_path, data: Path, tokenizer: Path) -> str:
     code = prepare_main(["--input", str(data), "--tokenizer", str(tokenizer), "--seq-len", "32",
                          "--out", str(tmp_path / "ds"), "--no-plot", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err
     return err.split("error: ", 1)[1].strip()
 
 
