@@ -101,6 +101,10 @@ class TrainConfig:
     """Write the dataset row ids each rank consumed per step to samples.rank{R}.jsonl (audits data order)."""
     stop_after_steps: int | None = None
     """Stop (with a checkpoint) after this many global steps of this invocation; for tests and demos."""
+    # --- memory plan (longtrain/plan/, docs/plan.md)
+    ignore_memory_plan: bool = False
+    """Start even when the memory plan says a stage cannot fit (the trainer plans every stage at start-up,
+    before loading weights, and stops with the plan's message otherwise)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
