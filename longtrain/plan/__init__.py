@@ -84,7 +84,20 @@ def ranks_on_this_node(world_size: int) -> int:
     return world_size
 
 
-def check_memory_plan(cfg: RunConfig, stages, hf_config, device: torch.device) -> RunPlan:
+class SkippedPlan:
+    """Stands in for a RunPlan when the model cannot be planned (never a reason to refuse a run)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def summary(self) -> str:
+        return f"memory plan skipped: {self.reason}"
+
+    def peak_gb(self, index: int) -> None:
+        return None
+
+
+def check_memory_plan(cfg: RunConfig, stages, hf_config, device: torch.device) -> RunPlan | SkippedPlan:
     """The trainer's start-up check: plan every stage for this world size and device; raise a
     ConfigError naming each stage that cannot fit and the change that would, unless
     ``train.ignore_memory_plan``. Runs before any weight loads.
@@ -94,7 +107,10 @@ def check_memory_plan(cfg: RunConfig, stages, hf_config, device: torch.device) -
     world = stages[0].world_size if stages else 1
     per_node = ranks_on_this_node(world)
     on_cuda = device.type == "cuda"
-    shape = model_shape(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        shape = model_shape(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+    except ConfigError as exc:  # an architecture the meta device cannot build: train without a plan
+        return SkippedPlan(str(exc))
     if not on_cuda:
         load_trainer_libraries()  # measured with what the process will hold (the data reader's library)
     target = Target(

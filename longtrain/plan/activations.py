@@ -43,15 +43,23 @@ class Layout:
     on_cuda: bool
     kv_repeat: int = 1
     """Ulysses repeats each kv head this many times when ``Hkv % sp_size != 0``."""
+    varlen: bool | None = None
+    """A varlen flash kernel runs (one call per row, output in (T, H, D)); default: on CUDA. The exact
+    per-document loop (CPU, fp32, ``train.attention: sdpa_loop``) is not one."""
 
     @property
     def ring(self) -> bool:
         return self.sp_size > 1 and self.sp_mode == "ring"
 
     @property
+    def flash_varlen(self) -> bool:
+        return self.on_cuda if self.varlen is None else self.varlen
+
+    @property
     def output_copy(self) -> bool:
-        """Whether ``o_proj``'s input is a copy of the kernel's output (CPU loop and ring: transposed)."""
-        return self.ring or not self.on_cuda
+        """Whether ``o_proj``'s input is a copy of the kernel's output (the loop and the ring return a
+        transposed view that transformers' ``reshape`` copies)."""
+        return self.ring or not self.flash_varlen
 
 
 def norm_saved(shape: ModelShape, b: int) -> int:

@@ -30,6 +30,10 @@ TERMS = ("fixed_overhead", "parameters", "gradients", "master_weights_fp32", "op
          "zero3_gathered_parameters", "gradients_bf16", "activations", "layer_recompute", "logits",
          "attention_workspace", "sequence_parallel_buffers", "optimizer_step")
 PHASES = ("backward_loss", "backward_layer", "optimizer_step")
+# Where an offloaded term is counted when the "device" is the CPU itself (it is in the process's RSS).
+HOST_TERM_ON_CPU = {"parameters_partition": "parameters", "offload_staging": "parameters",
+                    "gradients_fp32_partition": "gradients", "gradients_fp32_accumulated": "gradients",
+                    "offload_grad_buffer": "zero_buckets"}
 
 
 @dataclass
@@ -82,7 +86,7 @@ def attention_workspace(shape: ModelShape, setup: TrainSetup, layout: Layout) ->
     backward adds an fp32 dq accumulator and the fp32 ``rowsum(dO * O)`` (``4 H D + 4 H``; Dao 2023,
     FlashAttention-2, Algorithm 2)."""
     b, t = setup.param_bytes, layout.local_tokens
-    if layout.on_cuda:
+    if layout.flash_varlen:
         return t * (4 * shape.q_width + 4 * shape.num_heads)
     return t * b * (shape.q_width + 2 * shape.kv_width * layout.kv_repeat)
 
@@ -136,19 +140,20 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, layout: Layout, world_size
     states = model_states(shape, setup, world_size, layout.on_cuda, grad_accum)
     if not layout.on_cuda:  # "offloaded" to the memory the CPU run already uses: part of its peak
         for name, value in states.host.items():
-            key = "parameters" if name.startswith(("parameters", "offload_staging")) else (
-                "gradients" if name.startswith("gradients") else name)
-            key = key if key in TERMS else "optimizer_states"
+            key = HOST_TERM_ON_CPU.get(name, name)
             states.device[key] = states.device.get(key, 0) + value
         states.host = {}
+    for phase in (states.backward, states.step):  # the ipg bucket is one of ZeRO's buckets
+        if "ipg_bucket" in phase:
+            phase["zero_buckets"] = phase.get("zero_buckets", 0) + phase.pop("ipg_bucket")
     acts = activation_phases(shape, setup, layout)
     host = dict(states.host)
     if setup.offload_activations and layout.on_cuda:
-        # what the forward saves waits in host memory; the device keeps the layer being processed
-        saved = acts["backward_loss"]["activations"]
-        host["activations"] = saved
+        # what the layers keep waits in host memory; the device holds the one being copied back
+        layers_kept = int(shape.num_layers * act.kept_per_layer(shape, setup, layout) * layout.local_tokens)
+        host["activations"] = layers_kept
         for phase in acts.values():
-            phase["activations"] -= saved - saved // max(1, shape.num_layers)
+            phase["activations"] -= layers_kept - layers_kept // max(1, shape.num_layers)
     persistent = {"fixed_overhead": fixed_overhead, **states.device}
     phase_terms = {
         "backward_loss": {**states.backward, **acts["backward_loss"]},
@@ -158,7 +163,7 @@ def plan_memory(shape: ModelShape, setup: TrainSetup, layout: Layout, world_size
     phases = {name: sum(persistent.values()) + sum(t.values()) for name, t in phase_terms.items()}
     peak_phase = max(PHASES, key=lambda name: phases[name])
     breakdown = {name: 0 for name in TERMS}
-    breakdown.update(persistent)
-    breakdown.update(phase_terms[peak_phase])
+    for name, value in [*persistent.items(), *phase_terms[peak_phase].items()]:
+        breakdown[name] = breakdown.get(name, 0) + value
     return MemoryPlan(breakdown=breakdown, peak_bytes=phases[peak_phase], peak_phase=peak_phase, phases=phases,
                       host_bytes=sum(host.values()), host_breakdown=host)

@@ -89,16 +89,18 @@ class RunPlan:
         return self.stages[index].peak_bytes / GiB
 
 
-def stage_layout(stage: ResolvedStage, shape: ModelShape, target: Target) -> Layout:
+def stage_layout(stage: ResolvedStage, shape: ModelShape, setup: TrainSetup, target: Target) -> Layout:
     repeat = 1
     if stage.sp_size > 1 and stage.sp_mode == "ulysses":
         repeat = kv_repeat(shape.num_heads, shape.num_kv_heads, stage.sp_size)
+    # the per-document loop runs on CPU, in fp32, and when train.attention forces it (longtrain.attention)
+    varlen = target.on_cuda and setup.precision != "fp32" and setup.attention != "sdpa_loop"
     return Layout(local_tokens=stage.local_tokens, sp_size=stage.sp_size, sp_mode=stage.sp_mode,
-                  on_cuda=target.on_cuda, kv_repeat=repeat)
+                  on_cuda=target.on_cuda, kv_repeat=repeat, varlen=varlen)
 
 
 def plan_stage(stage: ResolvedStage, shape: ModelShape, setup: TrainSetup, target: Target) -> StagePlan:
-    layout = stage_layout(stage, shape, target)
+    layout = stage_layout(stage, shape, setup, target)
     memory = plan_memory(shape, setup, layout, target.world_size, target.fixed_overhead, stage.config.grad_accum)
     time = estimate_time(
         shape, setup, tokens_per_step=stage.tokens_per_step, world_size=target.world_size,

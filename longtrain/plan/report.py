@@ -13,6 +13,11 @@ def gib(n: int | float) -> str:
     return f"{n / GiB:.2f}"
 
 
+def size(n: int | float) -> str:
+    """``1.23 GiB``, or ``45.6 MiB`` below a tenth of a GiB (CPU runs of small models)."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
 def stage_summary(plan: StagePlan) -> str:
     s = plan.stage
     sp = f"{s.sp_size}" + (f" {s.sp_mode}" if s.sp_size > 1 else "")
@@ -20,24 +25,25 @@ def stage_summary(plan: StagePlan) -> str:
     verdict = "yes" if plan.fits else f"NO (short {gib(plan.short_bytes)} GiB)"
     return (f"| {s.index} {s.name} | {s.seq_len} | {sp} | {s.config.micro_batch_size} x {s.config.grad_accum} | "
             f"{s.local_tokens} | {gib(plan.peak_bytes)} | {limit} | {verdict} | "
-            f"{plan.memory.peak_phase.replace('_', ' ')} | {format_seconds(plan.time.step_seconds)} |")
+            f"{plan.memory.peak_phase.replace('_', ' ')} | {format_seconds(plan.time.step_seconds)} | "
+            f"{format_seconds(plan.time.step_seconds * s.steps)} |")
 
 
 def breakdown_lines(plan: StagePlan) -> list[str]:
-    terms = ", ".join(f"{name} {gib(value)}" for name, value in plan.memory.breakdown.items() if value)
-    lines = [f"  stage {plan.stage.index} '{plan.stage.name}' GiB: {terms}"]
+    terms = ", ".join(f"{name} {size(value)}" for name, value in plan.memory.breakdown.items() if value)
+    lines = [f"  stage {plan.stage.index} '{plan.stage.name}': {terms}"]
     if plan.memory.host_bytes:
-        host = ", ".join(f"{k} {gib(v)}" for k, v in plan.memory.host_breakdown.items() if v)
-        lines.append(f"    host memory per rank: {host}; per node {gib(plan.host_bytes_per_node)} GiB"
-                     + (f" of {gib(plan.host_limit_bytes)}" if plan.host_limit_bytes else ""))
+        host = ", ".join(f"{k} {size(v)}" for k, v in plan.memory.host_breakdown.items() if v)
+        lines.append(f"    host memory per rank: {host}; per node {size(plan.host_bytes_per_node)}"
+                     + (f" of {size(plan.host_limit_bytes)}" if plan.host_limit_bytes else ""))
     t = plan.time
     lines.append(f"    step: {t.flops_per_step / 1e12:.1f} TFLOP (all ranks) -> {format_seconds(t.compute_seconds)} "
                  f"compute + {format_seconds(t.comm_seconds)} communication ({t.zero_comm_bytes / GiB:.2f} GiB ZeRO, "
                  f"{t.sp_comm_bytes / GiB:.2f} GiB sequence parallel per rank); sum(len^2): {t.sum_sq_source}")
     for suggestion in plan.suggestions:
         state = "fits" if suggestion.fits else f"still {gib(suggestion.short_bytes)} GiB short"
-        lines.append(f"    try: --set {' --set '.join(suggestion.overrides)}  -> peak {gib(suggestion.peak_bytes)} "
-                     f"GiB, {state}")
+        lines.append(f"    try: --set {' --set '.join(suggestion.overrides)}  -> peak {size(suggestion.peak_bytes)}, "
+                     f"{state}")
     return lines
 
 
@@ -53,8 +59,8 @@ def format_plan(run: RunPlan) -> str:
         + (", optimizer offload" if run.setup.offload_optimizer else "")
         + (", parameter offload" if run.setup.offload_param else ""),
         "",
-        "| stage | seq_len | sp | micro x accum | tokens/rank | peak GiB/rank | limit GiB | fits | peak at | step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| stage | seq_len | sp | micro x accum | tokens/rank | peak GiB/rank | limit GiB | fits | peak at | step | stage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [stage_summary(p) for p in run.stages]
     lines.append("")
@@ -93,7 +99,8 @@ def stage_json(plan: StagePlan) -> dict[str, Any]:
         "phases": plan.memory.phases,
         "host_bytes_per_rank": plan.memory.host_bytes, "host_breakdown": plan.memory.host_breakdown,
         "host_bytes_per_node": plan.host_bytes_per_node,
-        "step_seconds_estimate": t.step_seconds,
+        "step_seconds_estimate": t.step_seconds, "steps": s.steps,
+        "stage_seconds_estimate": t.step_seconds * s.steps,
         "time": {"flops_per_step": t.flops_per_step, "model_flops_per_step": t.model_flops_per_step,
                  "compute_seconds": t.compute_seconds, "comm_seconds": t.comm_seconds,
                  "zero_comm_bytes_per_rank": t.zero_comm_bytes, "sp_comm_bytes_per_rank": t.sp_comm_bytes,

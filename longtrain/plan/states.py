@@ -57,8 +57,9 @@ def model_states(shape: ModelShape, setup: TrainSetup, world_size: int, on_cuda:
     Gradient buffers made with ``torch.empty`` (ZeRO-1/2's partition and ipg bucket) are on CUDA handed
     out whole by the caching allocator, but on CPU take memory only as pages are written: at the
     backward's peak (early in the backward) they are still unwritten, unless an earlier micro-batch of
-    the same step filled them (``grad_accum > 1``). Autograd's own ``param.grad`` tensors appear layer by
-    layer as the backward goes (none yet at its peak), and stay between micro-batches."""
+    the same step filled them (``grad_accum > 1``: the partition; the bucket is made anew for every
+    backward). Autograd's own ``param.grad`` tensors appear layer by layer as the backward goes (none
+    yet at its peak), and stay between micro-batches."""
     n, w, b = shape.n_params, world_size, setup.param_bytes
     part = _div(n, w)
     s = StateMemory()
@@ -87,6 +88,12 @@ def model_states(shape: ModelShape, setup: TrainSetup, world_size: int, on_cuda:
     if setup.offload_optimizer:
         s.host["gradients_fp32_partition"] = 4 * part
         s.host["offload_staging"] = b * part  # param_buffer_of_bit16_for_cpu_offload
+        if setup.zero_stage in (1, 2):
+            # temp_grad_buffer_for_cpu_offload / _for_gpu_offload: the largest parameter, one on each side
+            s.host["offload_grad_buffer"] = b * shape.largest_param
+            s.device["zero_buckets"] = b * shape.largest_param
+            if accumulating:
+                s.host["gradients_fp32_accumulated"] = 4 * part  # accumulated_grads_in_cpu
         adam_temps, flat = 0, 0  # DeepSpeedCPUAdam updates in place, gradients copied straight to the host
 
     if setup.zero_stage in (1, 2):
@@ -101,8 +108,10 @@ def model_states(shape: ModelShape, setup: TrainSetup, world_size: int, on_cuda:
             if not setup.offload_optimizer:
                 s.backward["gradients"] = lazy(grads)
                 s.step["gradients"] = grads
-            # the ipg bucket: reduce_bucket_size elements, torch.empty at every backward, freed after it
-            s.backward["zero_buckets"] = lazy(setup.reduce_bucket_size * b) if (world_size > 1 or on_cuda) else 0
+            # the ipg bucket: reduce_bucket_size elements, a fresh torch.empty at every backward (freed at
+            # its end): whole on CUDA, on CPU unwritten at the backward's peak whatever the accumulation
+            if on_cuda:
+                s.backward["ipg_bucket"] = setup.reduce_bucket_size * b
         s.step["optimizer_step"] = flat + adam_temps * 4 * part
     else:
         persistent = shape.params_below(setup.param_persistence_threshold) * b

@@ -116,8 +116,12 @@ def test_offload_moves_optimizer_state_to_host_on_cuda():
                 device_memory=80 * 10**9)
     part = math.ceil(N / 4)
     assert off.memory.breakdown["optimizer_states"] == 0 and off.memory.breakdown["master_weights_fp32"] == 0
+    # host: master copy, moments, the fp32 gradient partition, a bf16 staging copy, DeepSpeed's
+    # temp_grad_buffer_for_cpu_offload (the largest parameter: the embedding); its device twin stays
     assert off.memory.host_breakdown == {"master_weights_fp32": 4 * part, "optimizer_states": 8 * part,
-                                         "gradients_fp32_partition": 4 * part, "offload_staging": 2 * part}
+                                         "gradients_fp32_partition": 4 * part, "offload_staging": 2 * part,
+                                         "offload_grad_buffer": 2 * V * E}
+    assert off.memory.breakdown["zero_buckets"] == 2 * V * E + 2 * 500_000_000  # + the ipg bucket, whole on CUDA
     assert off.host_bytes_per_node == 4 * off.memory.host_bytes and off.peak_bytes < base.peak_bytes
 
 
