@@ -27,7 +27,7 @@ from longtrain.plan.states import model_states
 
 # The order terms are printed in (scripts read them by name from --json's "breakdown").
 TERMS = ("fixed_overhead", "parameters", "gradients", "master_weights_fp32", "optimizer_states", "zero_buckets",
-         "zero3_gathered_parameters", "gradients_bf16", "activations", "layer_recompute", "logits",
+         "zero3_gathered_parameters", "activations", "layer_recompute", "logits",
          "attention_workspace", "sequence_parallel_buffers", "optimizer_step")
 PHASES = ("backward_loss", "backward_layer", "optimizer_step")
 # Where an offloaded term is counted when the "device" is the CPU itself (it is in the process's RSS).
@@ -53,8 +53,8 @@ def mlp_backward_bytes(shape: ModelShape, setup: TrainSetup, layout: Layout) -> 
     """Gradient temporaries at the top layer's MLP backward, the peak of a layer's backward: the
     gradient flowing in and a transposed copy of it (``2 b E`` per token), the gradient of the MLP's
     product (``b I``; a tiled MLP: one tile's), and the largest weight gradient before ZeRO takes it.
-    Measured on CPU with backward hooks (benchmarks/bench_plan.py --trace): the recomputed layer plus
-    these, within 1%."""
+    Measured on CPU by reading the resident size in backward hooks of the top layer's modules (glibc
+    returning freed memory at once): the recomputed layer plus these, within 1%."""
     b, t = setup.param_bytes, layout.local_tokens
     mlp_tokens = -(-t // setup.mlp_tiles(t, shape.hidden_size))
     return b * t * 2 * shape.hidden_size + b * mlp_tokens * shape.intermediate_size + \

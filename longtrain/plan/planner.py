@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longtrain.config import ConfigError, RunConfig, apply_override, config_from_dict
+from longtrain.model import load_model_config
 from longtrain.parallel import kv_repeat
 from longtrain.plan.activations import Layout
 from longtrain.plan.memory import MemoryPlan, plan_memory
@@ -108,25 +109,15 @@ def plan_stage(stage: ResolvedStage, shape: ModelShape, setup: TrainSetup, targe
         kv_repeat=layout.kv_repeat, grad_accum=stage.config.grad_accum, data_dir=stage.config.data,
         peak_flops=target.peak_flops, efficiency=target.efficiency, zero_bandwidth=target.zero_bandwidth(),
         sp_bandwidth=target.sp_bandwidth(stage.sp_size))
-    per_node = target.ranks_per_node
-    if target.on_cuda:
-        limit, host_limit = target.usable_device_memory, target.host_memory
-    else:  # the ranks of a node share its memory: each rank's share (or a per-rank limit if given)
-        shares = [target.host_memory // per_node] if target.host_memory else []
-        limit = min(shares + ([target.device_memory] if target.device_memory else [])) if (
-            shares or target.device_memory) else None
-        host_limit = None  # the host is the device: checked above
-    host = memory.host_bytes * per_node
-    return StagePlan(stage=stage, memory=memory, time=time, limit_bytes=limit, host_bytes_per_node=host,
-                     host_limit_bytes=host_limit)
+    return StagePlan(stage=stage, memory=memory, time=time, limit_bytes=target.rank_limit(),
+                     host_bytes_per_node=memory.host_bytes * target.ranks_per_node,
+                     host_limit_bytes=target.host_memory if target.on_cuda else None)  # on CPU: in rank_limit
 
 
 def plan_run(cfg: RunConfig, target: Target, shape: ModelShape | None = None,
              stages: list[ResolvedStage] | None = None, suggest: bool = True) -> RunPlan:
     """Plan every stage of ``cfg`` on ``target`` (``stages``: already resolved for its world size)."""
     if shape is None or stages is None:
-        from longtrain.model import load_model_config
-
         hf_config = load_model_config(cfg.model)
         shape = shape or model_shape(hf_config, trust_remote_code=cfg.model.trust_remote_code)
         stages = stages or resolve_stages(cfg, target.world_size, ModelFacts.from_config(hf_config))
@@ -152,9 +143,10 @@ def _candidates(cfg: RunConfig, stage: ResolvedStage, shape: ModelShape, world: 
         out.append([f"{where}.micro_batch_size={mb}", f"{where}.grad_accum={sc.grad_accum * sc.micro_batch_size // mb}"])
     if not train.activation_checkpointing:
         out.append(["train.activation_checkpointing=true"])
+    modes = (sc.sp_mode,) + tuple(m for m in ("ulysses", "ring") if m != sc.sp_mode)  # the stage's mode first
     for sp in range(sc.sp_size + 1, world + 1):
         if world % sp == 0:
-            for mode in ("ulysses", "ring"):
+            for mode in modes:
                 if mode == "ulysses" and shape.num_heads % sp:
                     continue
                 out.append([f"{where}.sp_size={sp}", f"{where}.sp_mode={mode}"])
@@ -169,47 +161,47 @@ def _candidates(cfg: RunConfig, stage: ResolvedStage, shape: ModelShape, world: 
 
 
 def _replan(cfg: RunConfig, overrides: list[str], index: int, shape: ModelShape, target: Target) -> StagePlan | None:
+    """Stage ``index`` planned with ``overrides`` applied (None when they are not valid for this model
+    and world size, e.g. an sp_size the heads do not allow)."""
     raw = cfg.to_dict()
     try:
         for item in overrides:
             apply_override(raw, item)
         new = config_from_dict(raw)
-        from longtrain.model import load_model_config
-
         stage = resolve_stages(new, target.world_size, ModelFacts.from_config(load_model_config(new.model)))[index]
     except (ConfigError, ValueError):
-        return None  # not a valid change for this model / world size
+        return None
     setup = TrainSetup.from_config(new, target.world_size, target.on_cuda, shape.vocab_size)
     return plan_stage(stage, shape, setup, target)
 
 
 def suggestions(cfg: RunConfig, plan: StagePlan, shape: ModelShape, target: Target, limit: int = 6) -> list[Suggestion]:
-    """The single changes that make the stage fit (cheapest first), else the best combination found by
-    applying the changes one after another, with how much it would still need."""
+    """The single changes that make the stage fit, cheapest first; when none does, the one that comes
+    closest and the combination of every change that helped (applied in order), with what each would
+    still need."""
     index = plan.stage.index
-    found: list[Suggestion] = []
-    best: Suggestion | None = None
-    combined: list[str] = []
+    fitting: list[Suggestion] = []
+    closest: Suggestion | None = None
+    combined, combined_short = [], plan.short_bytes
     for change in _candidates(cfg, plan.stage, shape, target.world_size):
         new = _replan(cfg, change, index, shape, target)
         if new is None:
             continue
         option = Suggestion(change, new.peak_bytes, new.fits, new.short_bytes)
         if new.fits:
-            found.append(option)
-            if len(found) >= limit:
+            fitting.append(option)
+            if len(fitting) >= limit:
                 break
-        elif best is None or option.short_bytes < best.short_bytes:
-            best = option
-        if not found:  # accumulate toward a combination while no single change fits
-            trial = _replan(cfg, combined + change, index, shape, target)
-            if trial is not None and trial.short_bytes < (_replan(cfg, combined, index, shape, target)
-                                                          or plan).short_bytes:
-                combined = combined + change
-    if found:
-        return found
-    together = _replan(cfg, combined, index, shape, target) if combined else None
-    out = [best] if best is not None else []
-    if together is not None and combined != (best.overrides if best else None):
+            continue
+        if closest is None or option.short_bytes < closest.short_bytes:
+            closest = option
+        trial = _replan(cfg, combined + change, index, shape, target)
+        if trial is not None and trial.short_bytes < combined_short:
+            combined, combined_short = combined + change, trial.short_bytes
+    if fitting:
+        return fitting
+    out = [closest] if closest is not None else []
+    if combined and (closest is None or combined != closest.overrides):
+        together = _replan(cfg, combined, index, shape, target)
         out.append(Suggestion(combined, together.peak_bytes, together.fits, together.short_bytes))
     return out

@@ -101,7 +101,6 @@ def model_states(shape: ModelShape, setup: TrainSetup, world_size: int, on_cuda:
         if setup.zero_stage == 1 and setup.precision == "bf16" and not setup.offload_optimizer:
             # BF16_Optimizer: an fp32 gradient buffer of the whole model on every rank (torch.zeros)
             s.device["gradients"] = 4 * n
-            s.step["gradients_bf16"] = 0
         else:
             # grads_in_partition (ZeRO-1 keeps other partitions' param.grad until the step too)
             grads = grad_part + (b * (n - part) if setup.zero_stage == 1 else 0)

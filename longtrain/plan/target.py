@@ -123,6 +123,15 @@ class Target:
             return self.device_memory
         return int(self.device_memory * (1 - CUDA_RESERVE_FRACTION)) - CUDA_RESERVE_BYTES
 
+    def rank_limit(self) -> int | None:
+        """What one rank's peak may reach. CUDA: the device's memory less the reserve. CPU: the ranks of a
+        node share its memory, so each rank's share of it (and the per-rank limit, if given)."""
+        if self.on_cuda:
+            return self.usable_device_memory
+        limits = [self.host_memory // self.ranks_per_node] if self.host_memory else []
+        limits += [self.device_memory] if self.device_memory else []
+        return min(limits) if limits else None
+
     def zero_bandwidth(self) -> float:
         return self.bandwidth if self.nodes > 1 else self.intra_node_bandwidth
 
