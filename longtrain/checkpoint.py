@@ -193,8 +193,8 @@ def _checkpoint_bytes(tag_dir: Path | None) -> int | None:
         if record:
             return manifest.total_bytes(record)
         return sum((tag_dir / name).stat().st_size for name in manifest.list_files(tag_dir))
-    except (CheckpointError, OSError):
-        return None
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return None  # no estimate: the save goes ahead, and a write that fails is still explained
 
 
 def save(engine, root: Path, state: dict[str, Any], hf_config, keep_last: int, hashes: bool = True) -> Path:
@@ -202,7 +202,7 @@ def save(engine, root: Path, state: dict[str, Any], hf_config, keep_last: int, h
 
     Before anything is written, rank 0 checks that the disk has room for a checkpoint as large as
     the previous one (every rank refuses together); a write that fails for lack of space anyway
-    becomes a one-line ``CheckpointError``. Either way the previous checkpoints are untouched."""
+    becomes a one-line ``DiskFullError``. Either way the previous checkpoints are untouched."""
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = tag_for(int(state["global_step"]))
     tag_dir = root / tag
@@ -231,8 +231,9 @@ def save(engine, root: Path, state: dict[str, Any], hf_config, keep_last: int, h
         dist.all_gather_object(parts, mine)
         if rank == 0:
             files = {name: entry for part in parts for name, entry in part.items()}
+            # A file rank 0 sees that its checker's own listing missed (a lagging network file system): rank 0 reads it.
             files.update(manifest.describe(tag_dir, [n for n in manifest.list_files(tag_dir) if n not in files],
-                                           hashes))  # written by no rank's rule (none today): rank 0 reads them
+                                           hashes))
             record = {"tag": tag, "world_size": world, "manifest": manifest.manifest_record(files, hashes)}
             _write_atomic(tag_dir / COMPLETE_FILE, json.dumps(record, indent=1))
             prune(root, keep_last)
@@ -271,7 +272,10 @@ def _local_problems(tag_dir: Path, hashes: bool, rank: int, world: int) -> tuple
         return [f"{COMPLETE_FILE}: not valid JSON (cut off or overwritten)"], None
     problems = []
     if record is not None:
-        problems = manifest.check(tag_dir, manifest.files_of(record, rank, world), hashes and record["hashes"])
+        try:
+            problems = manifest.check(tag_dir, manifest.files_of(record, rank, world), hashes and record["hashes"])
+        except (KeyError, TypeError, AttributeError):
+            return [f"{COMPLETE_FILE}: its manifest is malformed (overwritten?)"], None
     if rank == 0 and not any(p.startswith(STATE_FILE) for p in problems):
         try:  # also read with sizes only, and for checkpoints without a manifest
             read_state(tag_dir)
