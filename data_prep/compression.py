@@ -30,6 +30,10 @@ _MAGIC_PROBE = 10
 # EOFError at a truncation; gzip BadGzipFile (an OSError) or zlib.error, bz2 OSError, lzma LZMAError
 # on damage; zstd ZstdError, and our own EOFError below).
 DECODE_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+# Where each format checks its data: damage in the middle is only found there (bytes decoded before it
+# come out garbled), while a truncation is found exactly where the file ends.
+CHECKSUM_SCOPE = {"gzip": "its CRC once, at the end of the file", "bzip2": "a CRC per 900 kB block",
+                  "xz": "a CRC per block", "zstd": "a checksum per frame, if the frame has one"}
 
 
 class UnsupportedCompression(Exception):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from data_prep.compression import (DECODE_ERRORS, SUPPORTED_TEXT, InputStream, NotCompressedAsNamed,
+from data_prep.compression import (CHECKSUM_SCOPE, DECODE_ERRORS, SUPPORTED_TEXT, InputStream, NotCompressedAsNamed,
                                    UnsupportedCompression, split_suffix)
 from data_prep.errors import REASONS, BadDocument, DataPrepError
 
@@ -201,8 +201,13 @@ def _read_jsonl(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
                 else:
                     yield _parse_jsonl_line(line, where, lineno, opts, nbytes)
         except DECODE_ERRORS as exc:
-            yield _damaged(stream, exc, f"{path}:{lineno + 1}", f"the {lineno:,} whole lines before it (up to "
-                           f"decompressed byte {offset:,}) are read, the rest of the file is not", consumed)
+            kept = (f"the {lineno:,} whole lines before it (up to decompressed byte {offset:,}) are read, the rest "
+                    "of the file is not")
+            if not isinstance(exc, EOFError):  # damage is found at the format's next checksum, not where it is
+                kept += (f"; lines decoded after the damage and before its checksum ({stream.format} checks "
+                         f"{CHECKSUM_SCOPE.get(stream.format, 'per block')}) may be garbled, so replace the file "
+                         "rather than skip")
+            yield _damaged(stream, exc, f"{path}:{lineno + 1}", kept, consumed)
 
 
 def _parse_jsonl_line(line: bytes, where: str, lineno: int, opts: ReadOptions, nbytes: int) -> RawDoc:
