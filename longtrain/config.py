@@ -74,7 +74,7 @@ class TrainConfig:
     """Seed of the data order (per stage) and of any randomness in training."""
     verify_data: str = "fast"
     """Check every stage dataset's files against meta.json before the model loads: fast (sizes), full
-    (sizes and sha256, ~1 GB/s per rank), off."""
+    (sizes and sha256: ~0.3-0.5 GB/s per rank, docs/data_prep.md), off."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     offload_optimizer: bool = False
