@@ -55,7 +55,8 @@ def prepare_parser() -> argparse.ArgumentParser:
                    help="fraction of documents (whole documents) for the validation split (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the weights")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes (default: 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a prepared dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a prepared dataset and nothing else (other files: refused)")
     p.add_argument("--id-field", help="JSONL field / column with a document id: the validation split and the "
                                       "weights then follow the id, not the document's position")
     p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,

@@ -369,7 +369,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as exc:
-        raise _disk_error(exc, out, free, 0) from None
+        raise (_disk_error(exc, out, free, 0) or exc) from None
     try:
         run = _Run(cfg, tok, tmp)
         meta = run.execute(sources)
@@ -381,8 +381,9 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     except BaseException as exc:
         written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise _disk_error(exc, out, free, written) from None
+        error = _disk_error(exc, out, free, written) if isinstance(exc, OSError) else None
+        if error is not None:
+            raise error from None
         raise
     for line in summary_lines(meta):
         log(line)
@@ -411,9 +412,15 @@ def _mib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-def _disk_error(exc: OSError, out: Path, free: int | None, written: int) -> DataPrepError:
-    """A write that failed (full or read-only disk, no permission), as one line naming the folder and
-    the cause. The partial output is gone by now, so nothing was written to --out."""
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _disk_error(exc: OSError, out: Path, free: int | None, written: int) -> DataPrepError | None:
+    """A write that failed (full or read-only disk, no permission) or an input that could not be read,
+    as one line naming the folder and the cause; None for other OSErrors (bugs keep their traceback).
+    The partial output is gone by now, so nothing was written to --out."""
+    if exc.errno not in _DISK_ERRNOS and not exc.filename:
+        return None
     folder = out.parent
     where = Path(exc.filename) if exc.filename else None
     if where is not None and where in folder.parents:  # mkdir of a missing parent failed

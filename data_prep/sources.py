@@ -203,9 +203,9 @@ def _read_jsonl(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
         except DECODE_ERRORS as exc:
             kept = (f"the {lineno:,} whole lines before it (up to decompressed byte {offset:,}) are read, the rest "
                     "of the file is not")
-            if not isinstance(exc, EOFError):  # damage is found at the format's next checksum, not where it is
+            if stream.format and not isinstance(exc, EOFError):  # found at the next checksum, not where it is
                 kept += (f"; lines decoded after the damage and before its checksum ({stream.format} checks "
-                         f"{CHECKSUM_SCOPE.get(stream.format, 'per block')}) may be garbled, so replace the file "
+                         f"{CHECKSUM_SCOPE[stream.format]}) may be garbled, so replace the file "
                          "rather than skip")
             yield _damaged(stream, exc, f"{path}:{lineno + 1}", kept, consumed)
 
