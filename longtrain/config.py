@@ -29,6 +29,7 @@ SP_MODES = ("ulysses", "ring")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZER_IMPLS = ("auto", "torch", "fused", "cpu_adam")
+VERIFY_DATA = ("fast", "full", "off")  # dataset files vs meta.json: sizes / sizes + sha256 / not checked
 
 
 @dataclass
@@ -71,6 +72,9 @@ class OptimizerConfig:
 class TrainConfig:
     seed: int = 1234
     """Seed of the data order (per stage) and of any randomness in training."""
+    verify_data: str = "fast"
+    """Check every stage dataset's files against meta.json before the model loads: fast (sizes), full
+    (sizes and sha256: ~0.3-0.5 GB/s per rank, docs/data_prep.md), off."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     offload_optimizer: bool = False
@@ -121,6 +125,7 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.verify_data", self.verify_data, VERIFY_DATA)
         if self.offload_param and self.zero_stage != 3:
             raise ConfigError("train.offload_param needs train.zero_stage: 3")
         if self.offload_optimizer and self.zero_stage == 0:

@@ -15,7 +15,7 @@ import torch
 from longtrain.activation_checkpointing import enable_activation_checkpointing
 from longtrain.attention import register_attention
 from longtrain.config import TrainConfig
-from longtrain.loss import chunked_lm_loss_sum, default_chunk_tokens
+from longtrain.loss import chunked_lm_loss_sum, default_chunk_tokens, logit_softcap
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -30,13 +30,17 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.hf_model = hf_model
         self.loss_chunk_tokens = loss_chunk_tokens or default_chunk_tokens(hf_model.config.vocab_size)
+        # Gemma-2-style final-logit soft-capping is part of the model's logits: train on the logits it
+        # computes (None for Llama / Qwen2 / Mistral: the loss ops are then exactly the plain ones).
+        self.softcap = logit_softcap(hf_model.config)
 
     def forward(self, input_ids, position_ids, labels, cu_seqlens, max_seqlen: int):
         # input_ids, position_ids, labels: (1, T); cu_seqlens: (n_segments + 1,) int32
         out = self.hf_model.model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False,
             cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
-        return chunked_lm_loss_sum(out.last_hidden_state, self.hf_model.lm_head, labels, self.loss_chunk_tokens)
+        return chunked_lm_loss_sum(out.last_hidden_state, self.hf_model.lm_head, labels, self.loss_chunk_tokens,
+                                   self.softcap)
 
     def batch_loss_sum(self, batch) -> torch.Tensor:
         """The loss sum of a ``longtrain.batching.PackedBatch`` already on this module's device."""

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from longtrain.config import ConfigError, ModelConfig
+from longtrain.rope import rotary_modules
 
 # Files that make a folder a tokenizer we can identify (DESIGN.md section 2: sha256 of the file).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -65,12 +66,13 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def check_model_supported(model: torch.nn.Module) -> None:
-    """longtrain extends RoPE models: the decoder must hold a rotary embedding module."""
-    decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "rotary_emb") or not hasattr(model, "lm_head"):
+    """longtrain extends RoPE models: the model must hold a rotary embedding module (found as
+    ``apply_rope`` finds it) and an LM head."""
+    if not rotary_modules(model, required=False) or not hasattr(model, "lm_head"):
         raise ConfigError(
-            f"model: {type(model).__name__} is not a supported RoPE causal LM (need model.model.rotary_emb "
-            "and model.lm_head; Llama, Qwen2 and Mistral families are supported)")
+            f"model: {type(model).__name__} is not a supported RoPE causal LM (need a rotary embedding module "
+            "with an inv_freq buffer, e.g. model.model.rotary_emb, and model.lm_head; Llama, Qwen2 and Mistral "
+            "families are supported)")
 
 
 def tokenizer_path(cfg: ModelConfig) -> Path | None:

@@ -22,7 +22,7 @@ from data_prep.tokenizer import tokenizer_identity
 from longtrain import checkpoint
 from longtrain.activation_checkpointing import recomputed_layers
 from longtrain.config import RunConfig
-from longtrain.data import datasets_tokenizer, open_stage_datasets
+from longtrain.data import datasets_tokenizer, open_stage_datasets, verify_stage_datasets
 from longtrain.distributed import init_distributed, teardown
 from longtrain.divergence import DivergenceError, DivergenceGuard, StepHealth, describe_step, diverged_message
 from longtrain.ds_config import build_deepspeed_config
@@ -73,6 +73,7 @@ class Trainer:
             else:
                 for note in check_resume(checkpoint.read_state(self.resume_from), self.stages, cfg, self.resume_from):
                     self._event(f"note: {note}")
+        verify_stage_datasets(cfg.stages, cfg.train.verify_data, self._event)  # damaged files: before any model
         # Process groups for every sequence-parallel degree of the run, created up front on all
         # ranks in the same order (torch.distributed.new_group is collective).
         self.parallel = init_parallel_states(s.sp_size for s in cfg.stages)
@@ -83,7 +84,7 @@ class Trainer:
             self._event(f"loaded {cfg.model.name_or_path} into ZeRO-3 partitions (deepspeed.zero.Init)")
         self.tokenizer_dir = tokenizer_path(cfg.model)
         identity = tokenizer_identity(str(self.tokenizer_dir)) if self.tokenizer_dir is not None else None
-        datasets = open_stage_datasets(cfg.stages, identity, embedding_rows(hf_model))
+        datasets = open_stage_datasets(cfg.stages, identity, embedding_rows(hf_model), cfg.train.verify_data)
         if self.tokenizer_dir is None:
             # Training from scratch without model.tokenizer: adopt the datasets' tokenizer (all must agree).
             self.tokenizer_dir = datasets_tokenizer(datasets)

@@ -234,7 +234,7 @@ def test_eval_loads_a_checkpoint_like_its_export(baseline_run, baseline_exports)
 
     from_ckpt = load_eval_model(str(baseline_run / "checkpoints" / "step_00000004"), dtype="fp32")
     from_export = load_eval_model(str(baseline_exports["step4"]), dtype="fp32")
-    assert from_ckpt.kind == "checkpoint" and from_ckpt.tokenizer.backend == "sentencepiece"
+    assert from_ckpt.kind == "checkpoint" and from_ckpt.tokenizer.kind == "sentencepiece"
     ids = torch.tensor([from_ckpt.tokenizer.encode("def main():\n    return 40712\n")])
     with torch.no_grad():
         assert torch.equal(from_ckpt.model(ids).logits, from_export.model(ids).logits)
