@@ -170,7 +170,7 @@ def test_rng_states_load_without_unpickling_code(tmp_path):
     want = np.random.rand()
     checkpoint._set_rng_state(checkpoint._load_rng_file(tmp_path / "old.pt"))
     assert np.random.rand() == want
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"python": _Payload()}))
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"python": _Payload()}, protocol=2))
     with pytest.raises(checkpoint.CheckpointError, match="evil.pt: cannot read the RNG state"):
         checkpoint._load_rng_file(tmp_path / "evil.pt")
 
