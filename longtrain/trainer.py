@@ -138,8 +138,10 @@ class Trainer:
                     if progress.step_in_stage < stage.steps and self.train_stage(stage, progress):
                         return 0  # stopped (signal or stop_after_steps), checkpoint saved
                     progress.next_stage()
-                self._event(f"training done: {progress.global_step} steps, {progress.tokens_seen} tokens; "
-                            f"checkpoints in {self.run_dir / 'checkpoints'}")
+                flagged = self.guard.total_nonfinite
+                self._event(f"training done: {progress.global_step} steps, {progress.tokens_seen} tokens"
+                            + (f", {flagged} non-finite steps this run (each in {METRICS})" if flagged else "")
+                            + f"; checkpoints in {self.run_dir / 'checkpoints'}")
                 return 0
             finally:
                 self.metrics.close()
