@@ -97,7 +97,7 @@ GPU = Sizes(model=LLAMA_1B, train_lengths=(8192, 32768), warmup=2, timed=3, loss
             export_model=dict(TOY, hidden_size=256, num_hidden_layers=4, intermediate_size=688,
                               max_position_embeddings=4096),
             export_lengths=(4096, 8192), export_steps=4, export_vocab=2048, export_chars=2_000_000,
-            budgets={"kernels": 40, "train": 170, "longest_seq_len": 130, "export": 110}, total_s=470)
+            budgets={"kernels": 30, "train": 150, "longest_seq_len": 170, "export": 100}, total_s=460)
 DRY = Sizes(model=TOY, train_lengths=(256, 512), warmup=1, timed=1, loss_chunk_tokens=128,
             probe_start=512, probe_max=2048, probe_doc_max=512,
             kernel_docs=(1, 37, 100, 118), kernel_heads=(4, 2, 16), kernel_window=32,
@@ -144,7 +144,8 @@ def reset_memory(device: torch.device) -> None:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
 # ------------------------------------------------------------------------------ kernels

@@ -21,6 +21,9 @@ else
   "$PY" -m pip install -q --no-build-isolation "deepspeed>=0.19.8,<0.20" "transformers>=5.24,<6" "datasets>=4,<6" \
     sentencepiece protobuf pyyaml safetensors accelerate
 fi
+# The project's H200 machines have 128 GiB of RAM that the VM hands out as it is used (MemAvailable starts
+# low): the longest-row probe sizes its host offload from this instead (benchmarks/gpu_check.py).
+export LONGTRAIN_HOST_GB=${LONGTRAIN_HOST_GB:-100}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 "$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \

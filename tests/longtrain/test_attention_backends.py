@@ -211,3 +211,29 @@ def test_ring_block_kernel_matches_math_on_cuda(causal):
         refs = math_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, causal, 0.125)
         for a, b in zip(grads, refs):
             torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch, window", [("qwen2", None), ("mistral", 48)])
+def test_model_loss_with_torch_varlen_matches_the_exact_path_on_cuda(arch, window):
+    """A whole model in bf16 through loss_module's start-up choice (torch_varlen) vs the exact path."""
+    from longtrain.batching import make_packed_batch
+    from longtrain.config import TrainConfig
+    from longtrain.engine import loss_module
+    from tests.support import models
+
+    row = {"input_ids": torch.randint(3, 512, (512,), generator=torch.Generator().manual_seed(0)).tolist(),
+           "doc_lens": [100, 1, 300, 111], "loss_mask": [1] * 512}
+    batch = make_packed_batch([row])
+    args = [t.cuda() if torch.is_tensor(t) else t for t in (batch.input_ids, batch.position_ids, batch.labels,
+                                                              batch.cu_seqlens, batch.max_seqlen)]
+    losses = {}
+    for attention in ("torch_varlen", "sdpa_loop"):
+        over = {"sliding_window": window} if window else {}
+        model = models.tiny_model(arch, max_position_embeddings=512, **over).cuda().to(BF16).train()
+        module = loss_module(model, TrainConfig(precision="bf16", attention=attention), device=torch.device("cuda"))
+        assert module.attention_backend.name == attention
+        losses[attention] = module(*args)
+        losses[attention].backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(losses["torch_varlen"], losses["sdpa_loop"], rtol=1e-2, atol=1e-2)

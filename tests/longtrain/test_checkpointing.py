@@ -152,3 +152,23 @@ def test_tiled_mlp_needs_mlp_modules():
     del model.model.layers[0].mlp
     with pytest.raises(ConfigError, match="train.tiled_mlp: decoder layer 0 of LlamaForCausalLM has no `mlp`"):
         enable_tiled_mlp(model, 4)
+
+
+@pytest.mark.gpu
+def test_host_offload_moves_saved_tensors_to_pinned_host_memory_on_cuda():
+    batch = _long_batch()
+    args = [t.cuda() if torch.is_tensor(t) else t for t in (batch.input_ids, batch.position_ids, batch.labels,
+                                                              batch.cu_seqlens, batch.max_seqlen)]
+    grads = []
+    for offload in (False, True):
+        model = models.tiny_model("qwen2", vocab_size=300, num_hidden_layers=3, max_position_embeddings=512)
+        model = model.cuda().train()
+        module = loss_module(model, TrainConfig(precision="fp32", loss_chunk_tokens=64))
+        hooks = HostOffload()  # what train.offload_activations puts around the forward (pinned on CUDA)
+        with hooks if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = module(*args)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if offload:
+            assert hooks.bytes >= 3 * 300 * 64 * 4  # at least the three layer inputs went to host memory
+    assert all(torch.equal(grads[1][n], g) for n, g in grads[0].items())
