@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.env import REPO_ROOT, child_env
+
+pytestmark = pytest.mark.slow  # about a minute on 2 cores: four sections, a trainer and an export subprocess
 
 SECTIONS = ("kernels", "train", "longest_seq_len", "export")
 
