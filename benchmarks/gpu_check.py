@@ -181,7 +181,7 @@ def _compare(fn: Callable, ref_fn: Callable, inputs: list[torch.Tensor], device)
             "ok": out_ok and all(ok for _, ok in grad_errs)}
 
 
-def kernel_section(sizes: Sizes, device: torch.device, clock: Clock) -> dict:
+def kernel_section(sizes: Sizes, device: torch.device) -> dict:
     heads, kv_heads, dim = sizes.kernel_heads
     docs = list(sizes.kernel_docs)
     total, longest = sum(docs), max(docs)
@@ -326,7 +326,7 @@ def train_steps(engine, device, seq_len: int, vocab: int, doc_max: int, steps: i
     return {"seconds": seconds, "loss": loss_value, "sum_sq": sum_sq}
 
 
-def train_section(sizes: Sizes, device: torch.device, clock: Clock, budget: float) -> dict:
+def train_section(sizes: Sizes, device: torch.device, budget: float) -> dict:
     from longtrain.model import attention_width, count_parameters
 
     deadline = time.perf_counter() + budget
@@ -378,7 +378,7 @@ def host_bytes_free() -> int:
     return max(avail, int(float(os.environ.get("LONGTRAIN_HOST_GB", "0")) * 2**30))
 
 
-def longest_section(sizes: Sizes, device: torch.device, clock: Clock, budget: float) -> dict:
+def longest_section(sizes: Sizes, device: torch.device, budget: float) -> dict:
     """Doubling probe: one optimizer step per length with tiled MLP, full checkpointing (ZeRO-3) and
     host offload; stops at the first out-of-memory, or when the next probe would pass the time cap or
     the host memory its offloaded layer inputs need."""
@@ -442,7 +442,7 @@ def _run(cmd: list[str], log: Path, timeout: float, threads: int) -> dict:
             "tail": "" if rc == 0 else str(text)[-600:]}
 
 
-def export_section(sizes: Sizes, device: torch.device, clock: Clock, budget: float, work: Path) -> dict:
+def export_section(sizes: Sizes, budget: float, work: Path) -> dict:
     import yaml
 
     deadline = time.perf_counter() + budget
@@ -579,10 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gpu_check] {results['meta']['device']}, torch {torch.__version__}: set-up took "
           f"{sizes.total_s - clock.left():.0f} s", flush=True)
     wanted = args.sections.split(",")
-    sections = {"kernels": lambda budget: kernel_section(sizes, device, clock),
-                "train": lambda budget: train_section(sizes, device, clock, budget),
-                "longest_seq_len": lambda budget: longest_section(sizes, device, clock, budget),
-                "export": lambda budget: export_section(sizes, device, clock, budget, args.out / "export_run")}
+    sections = {"kernels": lambda budget: kernel_section(sizes, device),
+                "train": lambda budget: train_section(sizes, device, budget),
+                "longest_seq_len": lambda budget: longest_section(sizes, device, budget),
+                "export": lambda budget: export_section(sizes, budget, args.out / "export_run")}
     for name, run in sections.items():
         if name not in wanted:
             continue

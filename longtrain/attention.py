@@ -32,7 +32,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longtrain import attention_backends as backends
-from longtrain.attention_backends import AttentionBackend, auto_backend, check_fits, flash_varlen_fn  # noqa: F401
+from longtrain.attention_backends import AttentionBackend, auto_backend, check_fits
 
 ATTENTION_NAME = "longtrain"
 

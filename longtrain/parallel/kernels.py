@@ -32,7 +32,8 @@ from typing import Optional
 
 import torch
 
-from longtrain.attention_backends import aten_flash_block_backward, aten_flash_block_forward, one_sequence_cu
+from longtrain.attention_backends import (aten_flash_block_backward, aten_flash_block_forward, auto_backend,
+                                         flash_varlen_fn, one_sequence_cu)
 
 Tensor = torch.Tensor
 
@@ -47,8 +48,6 @@ def block_kernel(q: Tensor, backend: Optional[str] = None) -> str:
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return "math"
     if backend is None:
-        from longtrain.attention_backends import auto_backend
-
         backend = auto_backend(q).name
     if backend == "flash_attn" and _flash_attn() is None:
         raise ValueError("attention backend flash_attn was chosen but flash-attn is not importable")
@@ -142,8 +141,6 @@ def math_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 def _flash_attn():
     # The same availability test as the single-device path (transformers' check of the installed
     # version), so ring and document attention never disagree on whether flash-attn is usable.
-    from longtrain.attention_backends import flash_varlen_fn
-
     if flash_varlen_fn() is None:  # optional extra: pip install longtrain[flash]
         return None
     from flash_attn import flash_attn_interface
