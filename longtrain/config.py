@@ -30,6 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZER_IMPLS = ("auto", "torch", "fused", "cpu_adam")
 VERIFY_DATA = ("fast", "full", "off")  # dataset files vs meta.json: sizes / sizes + sha256 / not checked
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_loop")  # longtrain/attention_backends.py
 
 
 @dataclass
@@ -56,7 +57,8 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     impl: str = "auto"
-    """auto (DeepSpeedCPUAdam with offload, FusedAdam on CUDA, torch AdamW otherwise), torch, fused, cpu_adam."""
+    """auto (DeepSpeedCPUAdam with offload, else torch AdamW), torch (torch.optim.AdamW, ``fused=True`` on
+    CUDA: no JIT build), fused (DeepSpeed's FusedAdam, JIT-compiled on first use), cpu_adam."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -120,8 +122,25 @@ class TrainConfig:
     """Recent finite losses of the stage that the spike check takes the median of (at least 5 are needed)."""
     stop_on_loss_spike: bool = False
     """Stop with exit code 3 at a loss spike instead of only logging it (needs ``loss_spike_factor``)."""
+    # --- kernels and long rows on one device (docs/gpu.md, docs/training.md "Attention", "Very long rows")
+    attention: str = "auto"
+    """Attention kernel: auto (flash_attn, else torch_varlen, else sdpa_loop: the first that runs here),
+    flash_attn (flash-attn's varlen kernel), torch_varlen (torch's built-in FlashAttention, no build
+    step), sdpa_loop (the exact per-document path; CPU and fp32 always use it). Chosen once at start-up
+    and logged; a forced one that cannot run on this device / dtype / installation is an error."""
+    tiled_mlp: Any = 1
+    """Compute each decoder layer's MLP in N tiles along the sequence (DeepSpeed's TiledMLP: the MLP's
+    [T, intermediate] activations shrink N-fold; its forward runs again in backward): an integer N
+    (1: off) or auto (tiles of max(hidden_size, 4096) tokens)."""
+    offload_activations: bool = False
+    """Keep what the forward saves for backward in host memory (with activation checkpointing: the
+    layer inputs) and copy it back in backward; frees device memory at very long rows."""
 
     def __post_init__(self) -> None:
+        _check_choice("train.attention", self.attention, ATTENTION_BACKENDS)
+        if not (self.tiled_mlp == "auto" or (isinstance(self.tiled_mlp, int) and not isinstance(self.tiled_mlp, bool)
+                                             and self.tiled_mlp >= 1)):
+            raise ConfigError(f"train.tiled_mlp must be a positive integer (tiles) or auto, got {self.tiled_mlp!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check_choice("train.precision", self.precision, PRECISIONS)

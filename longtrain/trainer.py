@@ -102,7 +102,7 @@ class Trainer:
         layers = len(hf_model.model.layers)
         self._event(f"model: {self.n_params:,} parameters, {layers} layers, activation checkpointing on "
                     f"{recomputed_layers(hf_model)}/{layers} layers, attention "
-                    f"'{hf_model.config._attn_implementation}'")
+                    f"'{hf_model.config._attn_implementation}' ({engine.module.describe()})")
         if self.rank == 0:
             write_run_files(self.run_dir, cfg, self.tokenizer_dir)
         dist.barrier()
