@@ -9,7 +9,7 @@ last step's values (the first step runs before Adam's moments exist). Goal: with
 Corpora: ../shared/data books and WikiText (packed best-fit), the OpenLLaMA tokenizer (vocab 32000)
 and a 2048-piece BPE trained here by ``longtrain tokenizer``; models built from a config (Llama shapes).
 
-    python benchmarks/bench_plan.py                     # every configuration (~30 min on 2 busy cores)
+    python benchmarks/bench_plan.py                     # every configuration (~50 min on 2 busy cores)
     python benchmarks/bench_plan.py --only zero3_full_16k sp2_ring_16k
     python benchmarks/bench_plan.py --list
 
@@ -66,6 +66,8 @@ CONFIGS = [
            mode="ring", ranks=2),
     config("dp2_zero2_accum2_8k", "2 ranks data parallel, ZeRO-2, selective, 2 micro-batches per step, vocab 2k",
            SMALL, 2048, 8192, {"zero_stage": 2}, ranks=2, accum=2),
+    config("zero2_tiled4_16k", "ZeRO-2, selective, MLP in 4 tiles (train.tiled_mlp), vocab 32k", SMALL, 32000,
+           16384, {"zero_stage": 2, "tiled_mlp": 4}),
 ]
 
 

@@ -55,6 +55,9 @@ class TrainSetup:
     param_persistence_threshold: int
     grad_accum_fp32: bool
     """bf16 with ZeRO >= 1 accumulates gradients in fp32 (``data_types.grad_accum_dtype``)."""
+    fused_adam: bool = False
+    """torch AdamW with ``fused=True`` (the DeepSpeed JSON's choice on CUDA): one in-place kernel over all
+    tensors, no parameter-sized temporaries (the foreach and per-tensor paths make them)."""
     tiled_mlp: int | str = 1
     """``train.tiled_mlp`` (N tiles along the sequence, or auto); 1: off."""
     offload_activations: bool = False
@@ -81,7 +84,8 @@ class TrainSetup:
     @classmethod
     def from_config(cls, cfg: RunConfig, world_size: int, on_cuda: bool, vocab_size: int) -> "TrainSetup":
         train = cfg.train
-        zero = build_deepspeed_config(cfg, world_size, on_cuda)["zero_optimization"]
+        ds = build_deepspeed_config(cfg, world_size, on_cuda)
+        zero = ds["zero_optimization"]
         sizes = {field: int(float(zero.get(key, default))) for field, (key, default) in DS_DEFAULTS.items()}
         return cls(
             zero_stage=train.zero_stage, precision=train.precision, offload_optimizer=train.offload_optimizer,
@@ -89,7 +93,5 @@ class TrainSetup:
             optimizer=optimizer_impl(cfg, on_cuda),
             loss_chunk_tokens=train.loss_chunk_tokens or default_chunk_tokens(vocab_size),
             grad_accum_fp32=train.precision == "bf16" and train.zero_stage >= 1, **sizes,
-            # Options of the GPU path (train.tiled_mlp / offload_activations / attention) are read by
-            # name so the planner works before and after they exist in TrainConfig.
-            tiled_mlp=getattr(train, "tiled_mlp", 1), offload_activations=getattr(train, "offload_activations", False),
-            attention=getattr(train, "attention", "auto"))
+            fused_adam=bool(ds["optimizer"]["params"].get("fused")),
+            tiled_mlp=train.tiled_mlp, offload_activations=train.offload_activations, attention=train.attention)

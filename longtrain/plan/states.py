@@ -64,7 +64,12 @@ def model_states(shape: ModelShape, setup: TrainSetup, world_size: int, on_cuda:
     part = _div(n, w)
     s = StateMemory()
     accumulating = grad_accum > 1
-    adam_temps = 2 if (setup.optimizer == "torch" and not on_cuda) else (1 if setup.optimizer == "torch" else 0)
+    # fp32 temporaries of torch AdamW's step, in parameter-sized units: the per-tensor path (CPU) two of
+    # the tensor it updates, foreach (CUDA) one of the whole group, fused none; DeepSpeed's kernels none
+    if setup.optimizer != "torch" or setup.fused_adam:
+        adam_temps = 0
+    else:
+        adam_temps = 1 if on_cuda else 2
 
     def lazy(nbytes: int) -> int:  # a torch.empty buffer at the backward's peak
         return nbytes if (on_cuda or accumulating) else 0
