@@ -166,9 +166,11 @@ def main() -> None:
         for c in CONFIGS:
             print(f"{c['name']:<20} {c['what']} ({c['seq_len']} tokens x {c['micro']})")
         return
-    chosen = [c for c in CONFIGS if args.only is None or c["name"] in args.only]
-    if args.only and len(chosen) != len(args.only):
-        raise SystemExit(f"unknown configuration in {args.only}; --list shows them")
+    by_name = {c["name"]: c for c in CONFIGS}
+    unknown = [name for name in args.only or [] if name not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown configuration {unknown[0]!r}; --list shows them")
+    chosen = [by_name[name] for name in args.only] if args.only else CONFIGS  # in the order given
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for c in chosen:

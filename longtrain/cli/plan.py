@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 
 from longtrain.config import load_config
 from longtrain.errors import run_command
@@ -55,16 +57,19 @@ def main(argv: list[str]) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    # Imported after the config is read: torch and transformers take seconds (DESIGN.md: a config error
-    # should not wait for them).
-    from longtrain.plan import build_target, plan_run
-    from longtrain.plan.report import format_plan, plan_json
+    # With --json, stdout is the JSON alone: what the libraries print while loading (DeepSpeed's logger
+    # writes "Setting accelerator to CPU" to the stdout it finds at import) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        # Imported after the config is read: torch and transformers take seconds (DESIGN.md: a config
+        # error should not wait for them).
+        from longtrain.plan import build_target, plan_run
+        from longtrain.plan.report import format_plan, plan_json
 
-    target = build_target(cfg, world_size=args.world_size, nodes=args.nodes, device=args.device,
-                          device_memory=args.device_memory, host_memory=args.host_memory, gpu=args.gpu,
-                          peak_tflops=args.peak_tflops, efficiency=args.efficiency,
-                          bandwidth_gbs=args.bandwidth, intra_node_bandwidth_gbs=args.intra_node_bandwidth)
-    run = plan_run(cfg, target)
+        target = build_target(cfg, world_size=args.world_size, nodes=args.nodes, device=args.device,
+                              device_memory=args.device_memory, host_memory=args.host_memory, gpu=args.gpu,
+                              peak_tflops=args.peak_tflops, efficiency=args.efficiency,
+                              bandwidth_gbs=args.bandwidth, intra_node_bandwidth_gbs=args.intra_node_bandwidth)
+        run = plan_run(cfg, target)
     if args.json:
         print(json.dumps(plan_json(run), indent=1))
     else:
