@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longtrain.activation_checkpointing import mlp_tiles
 from longtrain.config import RunConfig
 from longtrain.ds_config import build_deepspeed_config, optimizer_impl
 from longtrain.loss import default_chunk_tokens
@@ -75,11 +76,9 @@ class TrainSetup:
         return 4 if self.grad_accum_fp32 else self.param_bytes
 
     def mlp_tiles(self, tokens: int, hidden_size: int) -> int:
-        """Tiles of the MLP for ``tokens`` local tokens: ``train.tiled_mlp`` N, or auto (tiles of
-        max(hidden_size, 4096) tokens, the rule of ``train.tiled_mlp: auto``)."""
-        if self.tiled_mlp == "auto":
-            return max(1, -(-tokens // max(hidden_size, 4096)))
-        return max(1, int(self.tiled_mlp))
+        """Tiles of the MLP for ``tokens`` local tokens: the trainer's own rule (``train.tiled_mlp`` N, or
+        auto: tiles of max(hidden_size, 4096) tokens; as many as torch.chunk really makes)."""
+        return mlp_tiles(self.tiled_mlp, tokens, hidden_size)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, world_size: int, on_cuda: bool, vocab_size: int) -> "TrainSetup":
