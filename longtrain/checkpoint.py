@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longtrain import universal_checkpoint
 from longtrain.errors import UserError
 
 STATE_FILE = "longtrain_state.json"
@@ -150,19 +151,14 @@ def save(engine, root: Path, state: dict[str, Any], hf_config, keep_last: int) -
 def load(engine, tag_dir: Path) -> dict[str, Any]:
     """Load model, optimizer and RNG states into ``engine``; return the longtrain state."""
     state = read_state(tag_dir)
-    world = dist.get_world_size()
-    saved_world = json.loads((tag_dir / COMPLETE_FILE).read_text(encoding="utf-8")).get("world_size", world)
-    if saved_world != world:
-        raise CheckpointError(
-            f"{tag_dir}: saved with {saved_world} ranks but this run has {world}; ZeRO optimizer shards "
-            "need the same world size (export it with `longtrain export` and start a new run from the export "
-            "to change the number of ranks)")
-    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    # Another world size: through DeepSpeed's universal format, converted once (longtrain/universal_checkpoint.py).
+    with universal_checkpoint.load_source(engine, tag_dir) as source:
+        load_path, _ = engine.load_checkpoint(source.load_dir, tag=source.tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file() and source.same_world:  # per-rank streams: only meaningful on the same ranks
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state
 
