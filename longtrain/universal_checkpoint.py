@@ -10,8 +10,7 @@ model-states file per rank). DeepSpeed loads them only on that same world size. 
 What needs the conversion: a change of the **world size** under ZeRO >= 1 (ZeRO partitions follow the
 world size). A change of ``sp_size`` alone does not: longtrain does not tell DeepSpeed about sequence
 parallelism, so ZeRO shards over all ranks whatever the data-parallel size (docs/internals.md, "Loss
-contract"); ZeRO-0 keeps the whole optimizer state in the model-states file. Those load directly, as
-does the same world size (today's fast path, bitwise).
+contract"). The same world size loads directly (the fast path of before, bitwise).
 
 The conversion runs once per checkpoint, on rank 0, in a subprocess (DeepSpeed's own converter with its
 worker pools; its memory is returned when it ends), into ``TAG_DIR/.universal-partial/universal``,
@@ -21,10 +20,11 @@ resume reuses ``TAG_DIR/universal``. The original files stay untouched (export r
 wait by polling a status file rather than in a collective, so a conversion that takes longer than the
 process group's timeout (30 minutes) does not abort the job.
 
-Refused with a message (not tested, or known broken in DeepSpeed 0.19.8; DESIGN.md section 3): a ZeRO
-stage or precision change together with the world size, fp16, optimizer offload (CPU or NVMe: the NVMe
-swap files are not in the ZeRO state), and optimizer states other than Adam's ``exp_avg`` /
-``exp_avg_sq`` (the only keys the converter knows).
+Refused with a message (untested, or known broken in DeepSpeed 0.19.8; DESIGN.md section 3): another
+ZeRO stage (on any world size: the file layouts differ); with another world size, another precision,
+fp16, ZeRO-0, optimizer offload (CPU or NVMe: NVMe-swapped state is not in the ZeRO files) and optimizer
+states other than Adam's ``exp_avg`` / ``exp_avg_sq`` (the only keys the converter knows). ZeRO-3's
+universal load needs two repairs (``_repair_zero3_load``).
 """
 from __future__ import annotations
 
@@ -96,7 +96,11 @@ def saved_layout(tag_dir: Path) -> Layout:
     files = sorted(tag_dir.glob("*model_states.pt"))
     if not files:
         raise UniversalCheckpointError(f"{tag_dir}: no DeepSpeed *model_states.pt file; the checkpoint is damaged")
-    head = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    try:
+        head = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UniversalCheckpointError(f"{files[0]}: unreadable ({type(exc).__name__}: {exc}); the checkpoint is "
+                                       "damaged, resume from an earlier one") from exc
     world = int(record.get("world_size", head.get("dp_world_size", 1)))
     return _layout_of_ds_config(head.get("ds_config") or {}, world)
 
@@ -109,7 +113,9 @@ def plan(tag_dir: Path, saved: Layout, now: Layout) -> bool:
     it is not part of the layout, ZeRO shards over all ranks) is today's direct load, bitwise."""
     where = f"{tag_dir}: saved with {saved.describe()}, this run has {now.describe()}"
     back = f"resume on {ranks(saved.world_size)}, or export it (`longtrain export`) and start a new run from the export"
-    if saved.zero_stage != now.zero_stage:
+    if saved.zero_stage != now.zero_stage and (3 in (saved.zero_stage, now.zero_stage)
+                                               or saved.world_size != now.world_size):
+        # ZeRO-3 keeps other files than ZeRO-0/1/2 (DeepSpeed fails on them with a file-not-found error).
         raise UniversalCheckpointError(f"{where}; changing the ZeRO stage on resume is not supported: set "
                                        f"train.zero_stage: {saved.zero_stage}")
     if saved.world_size == now.world_size:
@@ -171,6 +177,7 @@ def convert(tag_dir: Path, log=print) -> Path:
         log(f"discarding an interrupted universal conversion in {tag_dir}")
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
+    _check_free_space(tag_dir)
     keys = _optimizer_state_keys(tag_dir)
     if not set(ADAM_KEYS) <= keys:
         raise UniversalCheckpointError(
@@ -193,6 +200,7 @@ def convert(tag_dir: Path, log=print) -> Path:
         raise UniversalCheckpointError(
             f"{tag_dir}: DeepSpeed's universal conversion failed (exit {done.returncode}: {tail[0][:300]}); "
             f"log: {partial / LOG_FILE}")
+    _compact_weight_only_states(out / "zero")
     seconds = time.perf_counter() - start
     shutil.move(str(partial / LOG_FILE), out / LOG_FILE)
     record = {"source": tag_dir.name, "seconds": round(seconds, 3), "bytes": folder_bytes(out)}
@@ -203,6 +211,38 @@ def convert(tag_dir: Path, log=print) -> Path:
     log(f"converted {tag_dir.name} to DeepSpeed's universal format in {seconds:.1f} s "
         f"({record['bytes'] / 2**20:.1f} MiB in {final})")
     return final
+
+
+def _compact_weight_only_states(zero_dir: Path) -> None:
+    """Re-save the weight-only entries compactly. For a name without optimizer state (a tied
+    ``lm_head.weight``: its parameter is ``embed_tokens.weight``'s) the converter saves the module
+    state's tensor, a view into the flat weight buffer, and ``torch.save`` writes the whole buffer: a
+    second copy of the model (measured: 391 MiB for the 94 MiB tied lm_head of a 100M-parameter model)."""
+    for param_dir in zero_dir.iterdir():
+        path = param_dir / "fp32.pt"
+        if not path.is_file() or (param_dir / "exp_avg.pt").exists():
+            continue
+        entry = torch.load(path, map_location="cpu", weights_only=False)
+        tensor = entry["param"] if isinstance(entry, dict) else entry  # deepspeed.checkpoint.constants.PARAM
+        if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+            compact = dict(entry, param=tensor.clone()) if isinstance(entry, dict) else tensor.clone()
+            tmp = path.with_name("fp32.pt.tmp")
+            torch.save(compact, tmp)
+            os.replace(tmp, path)
+
+
+def _check_free_space(tag_dir: Path) -> None:
+    """Refuse before writing anything when the conversion cannot fit: DeepSpeed first writes every
+    state's fragments (the size of the optimizer shards), then the merged copy (about that again, plus
+    the model states), and deletes the fragments only at the end."""
+    optim = sum(p.stat().st_size for p in tag_dir.glob("*optim_states.pt"))
+    need = 2 * optim + sum(p.stat().st_size for p in tag_dir.glob("*model_states.pt"))
+    free = shutil.disk_usage(tag_dir).free
+    if free < need:
+        raise UniversalCheckpointError(
+            f"{tag_dir}: converting it to DeepSpeed's universal format needs about {need / 2**20:,.1f} MiB free "
+            f"there, {free / 2**20:,.1f} MiB are free; make room (fewer train.keep_checkpoints) or resume on the "
+            "number of ranks it was saved with")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -229,16 +269,16 @@ def convert_on_rank0(tag_dir: Path, log=print) -> Path:
     token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(token, src=0)  # a fresh status file per attempt: a stale one is never read
     status = tag_dir / f"{_STATUS_PREFIX}{token[0]}"
+    failure: BaseException | None = None
     if dist.get_rank() == 0:
         try:
             convert(tag_dir, log)
             result = {"ok": True}
-        except UserError as exc:
-            result = {"ok": False, "error": str(exc)}
-        except Exception as exc:  # a converter bug or an OS error: reported on every rank, then raised here
-            result = {"ok": False, "error": f"{tag_dir}: universal conversion failed ({type(exc).__name__}: {exc})"}
-            _write_status(status, result)
-            raise
+        except Exception as exc:  # reported on every rank; a bug (not a UserError) is re-raised with its traceback
+            failure = exc
+            message = str(exc) if isinstance(exc, UserError) else (
+                f"{tag_dir}: universal conversion failed ({type(exc).__name__}: {exc})")
+            result = {"ok": False, "error": message}
         _write_status(status, result)
     else:
         # Polling, not a collective: a long conversion must not run into the process group's timeout.
@@ -248,6 +288,8 @@ def convert_on_rank0(tag_dir: Path, log=print) -> Path:
     dist.barrier()
     if dist.get_rank() == 0:
         status.unlink(missing_ok=True)
+        if failure is not None and not isinstance(failure, UserError):
+            raise failure
     if not result["ok"]:
         raise UniversalCheckpointError(result["error"])
     return tag_dir / UNIVERSAL_TAG
