@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -191,9 +192,10 @@ def convert(tag_dir: Path, log=print) -> Path:
     cmd = [sys.executable, "-c", _CONVERTER, "--input_folder", str(source),
            "--output_folder", str(out), "--inject_missing_state",  # we record no UNIVERSAL_CHECKPOINT_INFO
            "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2))]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
     with open(partial / LOG_FILE, "w") as handle:
         done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
+    cpu_seconds = _children_cpu_seconds() - cpu_start  # the converter and its workers: load-independent
     if done.returncode != 0 or not (out / "zero").is_dir():
         tail = (partial / LOG_FILE).read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         shutil.rmtree(out, ignore_errors=True)  # free the space; the log stays until the next attempt
@@ -201,9 +203,11 @@ def convert(tag_dir: Path, log=print) -> Path:
             f"{tag_dir}: DeepSpeed's universal conversion failed (exit {done.returncode}: {tail[0][:300]}); "
             f"log: {partial / LOG_FILE}")
     _compact_weight_only_states(out / "zero")
+    _compact_zero3_common_state(out / "zero" / "optimizer_state.pt")
     seconds = time.perf_counter() - start
     shutil.move(str(partial / LOG_FILE), out / LOG_FILE)
-    record = {"source": tag_dir.name, "seconds": round(seconds, 3), "bytes": folder_bytes(out)}
+    record = {"source": tag_dir.name, "seconds": round(seconds, 3), "converter_cpu_seconds": round(cpu_seconds, 3),
+              "bytes": folder_bytes(out)}
     _write_synced(out / DONE_FILE, json.dumps(record))
     os.rename(out, final)  # atomic: a universal/ folder is always complete
     _fsync_dir(tag_dir)
@@ -231,6 +235,21 @@ def _compact_weight_only_states(zero_dir: Path) -> None:
             os.replace(tmp, path)
 
 
+def _compact_zero3_common_state(path: Path) -> None:
+    """ZeRO-3's ``zero/optimizer_state.pt`` is rank 0's whole optimizer file, its shard of the fp32
+    weights and Adam moments included (measured: 587 of 1,759 MiB at 100M parameters on 2 ranks), of
+    which the universal load reads only the loss scaler, the parameter groups and ``step``."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "fp32_flat_groups" not in state:  # ZeRO-1/2: DeepSpeed already keeps only the common part
+        return
+    del state["fp32_flat_groups"]
+    inner = state["optimizer_state_dict"]
+    inner["state"] = {k: {n: v for n, v in group.items() if n not in ADAM_KEYS} for k, group in inner["state"].items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def _check_free_space(tag_dir: Path) -> None:
     """Refuse before writing anything when the conversion cannot fit: DeepSpeed first writes every
     state's fragments (the size of the optimizer shards), then the merged copy (about that again, plus
@@ -243,6 +262,11 @@ def _check_free_space(tag_dir: Path) -> None:
             f"{tag_dir}: converting it to DeepSpeed's universal format needs about {need / 2**20:,.1f} MiB free "
             f"there, {free / 2**20:,.1f} MiB are free; make room (fewer train.keep_checkpoints) or resume on the "
             "number of ranks it was saved with")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def folder_bytes(folder: Path) -> int:

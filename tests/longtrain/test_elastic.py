@@ -146,6 +146,13 @@ def test_converted_checkpoint_exports_like_any_other(tmp_path, elastic):
         saved = torch.load(zero_dir / f"hf_model.{name}" / "fp32.pt", weights_only=False)
         saved = saved["param"] if isinstance(saved, dict) else saved
         assert torch.equal(saved.reshape(tensor.shape), tensor), name
+    # Compacted: the tied lm_head entry holds its own tensor, not the whole flat weight buffer (ZeRO-2);
+    # ZeRO-3's common state holds no shard of weights or moments.
+    for entry in zero_dir.glob("*/fp32.pt"):
+        assert entry.stat().st_size < 2 * 4 * exported["model.embed_tokens.weight"].numel(), entry
+    common = torch.load(zero_dir / "optimizer_state.pt", weights_only=False)
+    assert "fp32_flat_groups" not in common and all(
+        set(group) <= {"step"} for group in common["optimizer_state_dict"].get("state", {}).values())
 
 
 # ------------------------------------------------------------------------------------ bf16, interrupted conversion
