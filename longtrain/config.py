@@ -152,7 +152,7 @@ class StageConfig:
     global_batch_rows: int | None = None
     """Rows per optimizer step over all ranks, instead of grad_accum: the accumulation is derived as
     global_batch_rows / (micro_batch_size x data-parallel size), so the step count, the LR schedule and
-    the rows of every step are the same on any number of ranks (a resume may change it)."""
+    the rows of every step are the same on any number of ranks, also when a resume changes it."""
     global_batch_tokens: int | None = None
     """The global batch as tokens instead: global_batch_rows = global_batch_tokens / seq_len."""
     sp_size: int = 1

@@ -298,7 +298,7 @@ def convert_on_rank0(tag_dir: Path, log=print) -> Path:
         try:
             convert(tag_dir, log)
             result = {"ok": True}
-        except Exception as exc:  # reported on every rank; a bug (not a UserError) is re-raised with its traceback
+        except Exception as exc:  # reported on every rank; a bug is re-raised on rank 0 with its traceback
             failure = exc
             message = str(exc) if isinstance(exc, UserError) else (
                 f"{tag_dir}: universal conversion failed ({type(exc).__name__}: {exc})")
@@ -312,8 +312,8 @@ def convert_on_rank0(tag_dir: Path, log=print) -> Path:
     dist.barrier()
     if dist.get_rank() == 0:
         status.unlink(missing_ok=True)
-        if failure is not None and not isinstance(failure, UserError):
-            raise failure
+        if failure is not None and not isinstance(failure, (UserError, OSError)):
+            raise failure  # an OSError (read-only or full filesystem) is the user's to fix: one line
     if not result["ok"]:
         raise UniversalCheckpointError(result["error"])
     return tag_dir / UNIVERSAL_TAG
