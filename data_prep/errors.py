@@ -33,4 +33,8 @@ REASONS = {
     "binary_file": "exclude it with a narrower glob (e.g. 'DIR/**/*.py')",
     "too_large": "raise --max-doc-bytes, or split the document",
     "empty": "remove empty documents",
+    # Whole files: the documents of a compressed file read before the damage are kept, the rest of
+    # the file counts once under damaged_input (how many documents it held cannot be known).
+    "damaged_input": "the file is truncated or damaged: copy or download it again (check its size or checksum)",
+    "unsupported_compression": "decompress it, or recompress it with gzip, bzip2, xz or zstd",
 }

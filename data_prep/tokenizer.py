@@ -98,7 +98,11 @@ class Tokenizer:
         except Exception as exc:
             raise DataPrepError(f"could not load {self.file} as an HF tokenizer.json ({exc}); {_HINT}") from None
         self.vocab_size = int(self._hf.get_vocab_size(with_added_tokens=True))
-        specials, _ = read_special_tokens(self._config_dir)
+        specials, config = read_special_tokens(self._config_dir)
+        # transformers' `split_special_tokens`: a special token's string inside a text stays text. An
+        # export of a SentencePiece run sets it, because SentencePiece encodes "<unk>" in a text as
+        # ordinary pieces: its tokenizer.json then gives the training rows' ids (longtrain/export/tokenizer.py).
+        self._hf.encode_special_tokens = bool(config.get("split_special_tokens", False))
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
             self._hf.token_to_id(specials[name]) if name in specials else None
             for name in ("bos_token", "eos_token", "pad_token", "unk_token"))

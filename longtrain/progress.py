@@ -1,7 +1,8 @@
 """Where a run stands: global step, stage, step in stage, tokens, and a record of every stage begun.
 
 Saved in every checkpoint (``longtrain_state.json``, docs/internals.md "Checkpoint layout") and
-restored from it; export reads the stage records to know which RoPE the checkpoint's model has.
+restored from it; export reads the stage records to know which RoPE the checkpoint's model has, and
+a resumed run compares them with its own config (``longtrain/resume_rules.py``).
 """
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from longtrain.stages import ResolvedStage
 
 
 def stage_setting(stage: ResolvedStage) -> dict[str, Any]:
-    """The settings of a stage that its checkpointed record keeps (export reads ``rope``)."""
+    """The settings of a stage that its checkpointed record keeps: as written (``rope``, ``data``, ...)
+    and as resolved (``rope_parameters``, ``steps``, ``global_batch_rows``) for the resume check."""
     cfg = stage.config
     return {"name": cfg.name, "seq_len": cfg.seq_len, "rope": dict(cfg.rope), "sp_size": cfg.sp_size,
-            "data": cfg.data}
+            "data": cfg.data, "rope_parameters": dict(stage.rope_params),
+            "max_position_embeddings": stage.max_position_embeddings, "steps": stage.steps,
+            "global_batch_rows": stage.layout.rows_per_step, "dp_size": stage.dp_size,
+            "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum, "sp_mode": cfg.sp_mode,
+            "lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "min_lr": cfg.min_lr, "decay": cfg.decay}
 
 
 @dataclass
@@ -38,7 +44,8 @@ class Progress:
                    stages=list(state["stages"]))
 
     def begin_stage(self, stages: list[ResolvedStage], index: int) -> None:
-        """Records for every stage up to ``index``; a resumed run's overrides (``--set``) update the current one."""
+        """Records for every stage up to ``index``; what a resumed run may change (``resume_rules``:
+        sp_size, the micro-batch split, learning rates) updates the current one."""
         while len(self.stages) <= index:
             self.stages.append({**stage_setting(stages[len(self.stages)]), "steps_done": 0, "tokens": 0})
         self.stages[index].update(stage_setting(stages[index]))

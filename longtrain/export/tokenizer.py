@@ -69,6 +69,10 @@ def write_tokenizer(source: Path, out: Path, add_bos: bool, model_max_length: in
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
                 special_tokens=[(bos, backend.token_to_id(bos))])
         backend.save(str(out / "tokenizer.json"))
+        # SentencePiece encodes a special token's string inside a text (WikiText's "<unk>") as ordinary
+        # pieces, as the training rows hold it; a converted tokenizer.json would match it as the special
+        # token. `split_special_tokens` keeps it text in transformers and in data prep's loader alike.
+        tok_config["split_special_tokens"] = True
     else:
         shutil.copy2(source / "tokenizer.json", out / "tokenizer.json")
         backend = Tokenizer.from_file(str(out / "tokenizer.json"))

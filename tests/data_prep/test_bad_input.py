@@ -159,3 +159,36 @@ def test_existing_dataset_refused_unless_overwrite(capsys, tmp_path, tiny_tokeni
     assert (tmp_path / "out" / "meta.json").read_text() == before
     code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--seq-len", "16", "--overwrite")
     assert code == 0 and json.loads((tmp_path / "out" / "meta.json").read_text())["seq_len"] == 16
+
+
+def test_a_weight_that_is_not_a_number_is_named(capsys, tmp_path, tiny_tokenizer):
+    data = write_lines(tmp_path / "d.jsonl", [g.encode() for g in GOOD])
+    code, _, err = run(capsys, tmp_path, [f"{data}:abc"], tiny_tokenizer)
+    assert code == 2 and f"--input {data}:abc: the weight 'abc' after the last ':' is not a number" in err, err
+    code, _, err = run(capsys, tmp_path, [f"{tmp_path}/*.jsonl:x2"], tiny_tokenizer)  # a glob with a bad weight
+    assert code == 2 and "the weight 'x2' after the last ':' is not a number" in err, err
+    code, _, err = run(capsys, tmp_path, [tmp_path / "missing.jsonl:abc"], tiny_tokenizer)
+    assert code == 2 and "no such file or folder (a weight after ':' must be a number)" in err, err
+
+
+def test_overwrite_replaces_only_a_dataset(capsys, tmp_path, tiny_tokenizer):
+    """--overwrite onto a dataset folder that also holds the user's files refuses, naming them, and
+    deletes nothing; a folder holding only a dataset is replaced."""
+    data = write_lines(tmp_path / "d.jsonl", [g.encode() for g in GOOD])
+    assert run(capsys, tmp_path, [data], tiny_tokenizer)[0] == 0
+    out = tmp_path / "out"
+    (out / "notes.md").write_text("my notes")
+    (out / "experiments").mkdir()
+    (out / "experiments" / "run1.log").write_text("log")
+    (out / "train" / "extra.bin").write_bytes(b"x")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--seq-len", "16", "--overwrite")
+    assert code == 2 and "--overwrite replaces only a prepared dataset" in err, err
+    assert "holds files prepare did not write: experiments/, notes.md, train/extra.bin;" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, "nothing deleted"
+    assert json.loads((out / "meta.json").read_text())["seq_len"] == 32
+    for extra in ("notes.md", "experiments/run1.log", "experiments", "train/extra.bin"):
+        path = out / extra
+        path.rmdir() if path.is_dir() else path.unlink()
+    code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--seq-len", "16", "--overwrite")
+    assert code == 0 and json.loads((out / "meta.json").read_text())["seq_len"] == 16, err

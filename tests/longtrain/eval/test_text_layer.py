@@ -171,11 +171,20 @@ def test_exported_folder_tokenizes_as_its_sentencepiece_model(tmp_path, stdlib_t
     assert (folder_tok.kind, spm_tok.kind) == ("hf", "sentencepiece")
     for key in ("vocab_size", "bos_id", "eos_id", "pad_id"):
         assert getattr(folder_tok, key) == getattr(spm_tok, key), key
+    # A special token's string inside a text (WikiText spells "<unk>") is text to SentencePiece, and
+    # must stay text to the export's tokenizer.json too (split_special_tokens).
+    specials = "The <unk> river , a <unk> of </s> and <s> and <pad> . @-@ 1 @,@ 000"
     docs = _stdlib_docs() + [d.replace("\n", "\r\n") for d in _stdlib_docs(2)] + [
-        "Prix 1 234,56 \u20ac, na\u00efve caf\u00e9, \u6771\u4eac 2026\u5e74, \U0001f642 0x1F 40712\t\t  end"]
+        "Prix 1 234,56 \u20ac, na\u00efve caf\u00e9, \u6771\u4eac 2026\u5e74, \U0001f642 0x1F 40712\t\t  end",
+        specials]
     data = read_data([str(_jsonl(tmp_path / "docs.jsonl", docs))])
     assert [t.tolist() for t in tokenize_documents(data, folder_tok)] == \
         [t.tolist() for t in tokenize_documents(data, spm_tok)]
+    want = spm_tok.encode(specials)
+    assert folder_tok.unk_id not in want and want == folder_tok.encode(specials)  # guard: no special id
+    from transformers import AutoTokenizer  # what users of the export load
+
+    assert AutoTokenizer.from_pretrained(out)(specials, add_special_tokens=False)["input_ids"] == want
 
 
 def _jsonl(path: Path, docs: list[str]) -> Path:
