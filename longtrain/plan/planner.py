@@ -102,11 +102,11 @@ def stage_layout(stage: ResolvedStage, shape: ModelShape, setup: TrainSetup, tar
 
 def plan_stage(stage: ResolvedStage, shape: ModelShape, setup: TrainSetup, target: Target) -> StagePlan:
     layout = stage_layout(stage, shape, setup, target)
-    memory = plan_memory(shape, setup, layout, target.world_size, target.fixed_overhead, stage.config.grad_accum)
+    memory = plan_memory(shape, setup, layout, target.world_size, target.fixed_overhead, stage.layout.grad_accum)
     time = estimate_time(
         shape, setup, tokens_per_step=stage.tokens_per_step, world_size=target.world_size,
         seq_len=stage.seq_len, local_tokens=layout.local_tokens, sp_size=stage.sp_size, sp_mode=stage.sp_mode,
-        kv_repeat=layout.kv_repeat, grad_accum=stage.config.grad_accum, data_dir=stage.config.data,
+        kv_repeat=layout.kv_repeat, grad_accum=stage.layout.grad_accum, data_dir=stage.config.data,
         peak_flops=target.peak_flops, efficiency=target.efficiency, zero_bandwidth=target.zero_bandwidth(),
         sp_bandwidth=target.sp_bandwidth(stage.sp_size))
     return StagePlan(stage=stage, memory=memory, time=time, limit_bytes=target.rank_limit(),
@@ -140,7 +140,11 @@ def _candidates(cfg: RunConfig, stage: ResolvedStage, shape: ModelShape, world: 
     mb = sc.micro_batch_size
     while mb > 1:
         mb //= 2
-        out.append([f"{where}.micro_batch_size={mb}", f"{where}.grad_accum={sc.grad_accum * sc.micro_batch_size // mb}"])
+        if sc.global_rows is not None:  # a global batch: grad_accum follows the micro-batch by itself
+            out.append([f"{where}.micro_batch_size={mb}"])
+        else:
+            out.append([f"{where}.micro_batch_size={mb}",
+                        f"{where}.grad_accum={stage.layout.grad_accum * sc.micro_batch_size // mb}"])
     if not train.activation_checkpointing:
         out.append(["train.activation_checkpointing=true"])
     modes = (sc.sp_mode,) + tuple(m for m in ("ulysses", "ring") if m != sc.sp_mode)  # the stage's mode first

@@ -23,7 +23,7 @@ def stage_summary(plan: StagePlan) -> str:
     sp = f"{s.sp_size}" + (f" {s.sp_mode}" if s.sp_size > 1 else "")
     limit = f"{gib(plan.limit_bytes)}" if plan.limit_bytes is not None else "-"
     verdict = "yes" if plan.fits else f"NO (short {gib(plan.short_bytes)} GiB)"
-    return (f"| {s.index} {s.name} | {s.seq_len} | {sp} | {s.config.micro_batch_size} x {s.config.grad_accum} | "
+    return (f"| {s.index} {s.name} | {s.seq_len} | {sp} | {s.config.micro_batch_size} x {s.layout.grad_accum} | "
             f"{s.local_tokens} | {gib(plan.peak_bytes)} | {limit} | {verdict} | "
             f"{plan.memory.peak_phase.replace('_', ' ')} | {format_seconds(plan.time.step_seconds)} | "
             f"{format_seconds(plan.time.step_seconds * s.steps)} |")
@@ -92,7 +92,7 @@ def stage_json(plan: StagePlan) -> dict[str, Any]:
     s, t = plan.stage, plan.time
     return {
         "index": s.index, "name": s.name, "seq_len": s.seq_len, "sp_size": s.sp_size, "sp_mode": s.sp_mode,
-        "micro_batch_size": s.config.micro_batch_size, "grad_accum": s.config.grad_accum, "dp_size": s.dp_size,
+        "micro_batch_size": s.config.micro_batch_size, "grad_accum": s.layout.grad_accum, "dp_size": s.dp_size,
         "local_tokens": s.local_tokens, "peak_bytes_per_rank": plan.peak_bytes, "peak_phase": plan.memory.peak_phase,
         "limit_bytes_per_rank": plan.limit_bytes, "fits": plan.fits, "short_bytes": plan.short_bytes,
         "breakdown": {name: plan.memory.breakdown.get(name, 0) for name in TERMS},
