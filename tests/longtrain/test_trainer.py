@@ -131,16 +131,17 @@ def test_resume_from_mid_stage_crosses_the_stage_boundary_bitwise(tmp_path, base
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, stdlib_tokenizer, stdlib_datasets):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])  # USR1: Slurm --signal
+def test_preemption_signal_saves_a_checkpoint_and_exits_zero(tmp_path, stdlib_tokenizer, stdlib_datasets, sig):
     stages = runs.two_stage_recipe(stdlib_datasets, s0__steps=200)
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer))
     run_dir = tmp_path / "run"
     proc = runs.start(runs.single_cmd() + runs.train_args(config, run_dir), tmp_path / "log.txt")
     runs.wait_for_step(run_dir, 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     log = (tmp_path / "log.txt").read_text()
-    assert "SIGTERM" in log and "--resume auto" in log
+    assert sig.name in log and "--resume auto" in log
     latest = checkpoint.latest_complete(run_dir / "checkpoints")
     state = checkpoint.read_state(latest)
     assert state["global_step"] == runs.metrics(run_dir)[-1]["step"] >= 2
