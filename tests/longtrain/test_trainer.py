@@ -95,8 +95,10 @@ def test_two_ranks_zero3_torchrun_match_one_process(tmp_path, baseline_run, stdl
     stages = runs.two_stage_recipe(stdlib_datasets, s0__grad_accum=1, s1__grad_accum=1)
     config = runs.write_config(tmp_path / "run.yaml", stages, _model(stdlib_tokenizer), {"zero_stage": 3})
     run_dir = tmp_path / "run"
-    runs.check(runs.run(runs.torchrun_cmd(2, env.free_port()) + runs.train_args(config, run_dir),
-                        log=tmp_path / "log.txt"))
+    # The README's command: launch/train.sh CONFIG RUN_DIR --launcher torchrun --nproc 2
+    cmd = ["bash", str(env.REPO_ROOT / "launch" / "train.sh"), str(config), str(run_dir), "--launcher", "torchrun",
+           "--nproc", "2", "--master-port", str(env.free_port())]
+    runs.check(runs.run(cmd, log=tmp_path / "log.txt"))
     _assert_losses_match(runs.losses(run_dir), runs.losses(baseline_run), rel=1e-6)
     assert runs.rows_per_step(run_dir) == runs.rows_per_step(baseline_run)
 
