@@ -69,6 +69,11 @@ class TrainModule:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device: no sync per micro-batch
         sum_sq = 0
         for i, batch in enumerate(batches):
+            # The boundary is said explicitly: DeepSpeed's own rule, (micro_steps + 1) % grad_accum == 0,
+            # counts micro-steps from the process start (a resume starts again at 0, the count is not in
+            # its checkpoint) across stages whose grad_accum differs, so after a resume or a stage of an
+            # odd step count it would step after the first micro-batch of a step and skip the real one.
+            engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             local = engine(batch.input_ids.to(dev), batch.position_ids.to(dev), batch.labels.to(dev),
                            batch.cu_seqlens.to(dev), batch.max_seqlen)
             engine.backward(local * scale)

@@ -117,15 +117,21 @@ def test_include_presets_merge_and_the_including_file_wins(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
-@pytest.mark.parametrize("recipe", ["tiny_cpu.yaml", "qwen2_7b_4k_to_32k.yaml", "llama3_8b_8k_to_64k.yaml"])
+SHIPPED_RECIPES = {  # (seq_len, RoPE base, sp_size, sp_mode) per stage, as the README describes them
+    "tiny_cpu.yaml": [(128, 10000, 1, "ulysses"), (256, 100000, 1, "ulysses"), (512, 1000000, 1, "ulysses")],
+    "qwen2_7b_4k_to_32k.yaml": [(4096, 10000, 1, "ulysses"), (16384, 500000, 2, "ulysses"),
+                                (32768, 1000000, 4, "ulysses")],
+    "llama3_8b_8k_to_64k.yaml": [(32768, 4000000, 4, "ulysses"), (65536, 8000000, 8, "ring")],
+}
+
+
+@pytest.mark.parametrize("recipe", list(SHIPPED_RECIPES))
 def test_shipped_recipes_validate(recipe):
+    """Each recipe validates and holds the schedule the README says it holds."""
     from tests.support.paths import REPO_ROOT
 
-    path = REPO_ROOT / "configs" / recipe
-    if not path.exists():
-        pytest.skip(f"{recipe} not written yet")
-    cfg = load_config(path)
-    assert cfg.stages
+    cfg = load_config(REPO_ROOT / "configs" / recipe)
+    assert [(s.seq_len, s.rope["theta"], s.sp_size, s.sp_mode) for s in cfg.stages] == SHIPPED_RECIPES[recipe]
 
 
 def test_bf16_fp32_grad_accumulation_only_with_zero():

@@ -45,6 +45,15 @@ def _cut(path: Path, keep: float = 0.5) -> None:
         handle.truncate(int(path.stat().st_size * keep))
 
 
+def _cut_off_write(ckpts: Path, source: str, tag: str) -> Path:
+    """A save killed mid-write: a newer tag folder with part of the files (one cut), no ``COMPLETE``."""
+    partial = ckpts / tag
+    shutil.copytree(ckpts / source, partial)
+    (partial / checkpoint.COMPLETE_FILE).unlink()
+    _cut(partial / OPTIM_SHARD)
+    return partial
+
+
 def _copy_run(baseline_run: Path, dest: Path) -> Path:
     shutil.copytree(baseline_run, dest)
     return dest
@@ -134,8 +143,10 @@ def test_choose_resume_walks_back_and_refuses_an_explicit_damaged_path(tmp_path,
     run = _copy_run(baseline_run, tmp_path / "run")
     ckpts = run / "checkpoints"
     _flip(ckpts / STEP[8] / OPTIM_SHARD)
+    _cut_off_write(ckpts, STEP[8], "step_00000009")  # newest, but never complete: not even looked at
     notes = []
     assert checkpoint.choose_resume("auto", run, True, notes.append) == ckpts / STEP[6]
+    assert not any("step_00000009" in n for n in notes), notes
     assert notes[0].startswith(f"resume auto: not using {ckpts / STEP[8]}: damaged checkpoint: {OPTIM_SHARD}: sha256")
     assert notes[1] == f"resume auto: falling back to {STEP[6]}, the newest intact checkpoint (damaged: {STEP[8]})"
     with pytest.raises(checkpoint.CheckpointError) as info:
@@ -187,10 +198,12 @@ def _dead_pid() -> int:
 @pytest.mark.multiproc
 def test_resume_auto_falls_back_over_damaged_checkpoints_and_matches_bitwise(tmp_path, baseline_run):
     """Step 8's model states have bytes flipped, step 6's longtrain_state.json is cut: --resume auto
-    names both, resumes from step 4, and steps 5-8 equal the uninterrupted run bitwise. A lock left by
-    a killed run (this host, its pid gone) is taken over."""
+    names both, resumes from step 4, and steps 5-8 equal the uninterrupted run bitwise. A save cut off
+    mid-write (step 9: no COMPLETE, a shard cut) is newer than all of them and skipped unread. A lock
+    left by a killed run (this host, its pid gone) is taken over."""
     run = _copy_run(baseline_run, tmp_path / "run")
     ckpts = run / "checkpoints"
+    _cut_off_write(ckpts, STEP[8], "step_00000009")
     _flip(ckpts / STEP[8] / MODEL_STATES)
     _cut(ckpts / STEP[6] / checkpoint.STATE_FILE)
     dead = _dead_pid()
@@ -206,6 +219,7 @@ def test_resume_auto_falls_back_over_damaged_checkpoints_and_matches_bitwise(tmp
     assert (f"resume auto: falling back to {STEP[4]}, the newest intact checkpoint (damaged: {STEP[8]}, {STEP[6]})"
             in out)
     assert f"resumed from {ckpts / STEP[4]} (global step 4" in out
+    assert "step_00000009" not in out
     assert runs.losses(run) == runs.losses(baseline_run)  # bitwise, fp32 on CPU
     assert [r["step"] for r in runs.metrics(run)] == list(range(1, 9))
     assert runs.rows_per_step(run) == runs.rows_per_step(baseline_run)

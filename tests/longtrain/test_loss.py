@@ -96,12 +96,28 @@ def test_no_tensor_of_full_logits_size_is_saved_for_backward():
     assert largest_saved(lambda: chunked_lm_loss_sum(hidden, head, labels, 16)) <= T * E
 
 
-def test_bf16_logits_are_upcast():
+def test_bf16_logits_are_upcast(monkeypatch):
+    """The cross-entropy sees fp32 logits (the bf16 logits upcast), checked at its input; the loss then
+    equals the fp32 cross-entropy of the same bf16 logits to fp32 rounding, far from a bf16 one."""
+    seen = []
+    real_ce = F.cross_entropy
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.dtype)
+        return real_ce(logits, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)  # longtrain.loss calls F.cross_entropy
     hidden, head, labels = _inputs(torch.bfloat16)
     loss = chunked_lm_loss_sum(hidden, head, labels, 16)
+    monkeypatch.undo()
+    assert seen and set(seen) == {torch.float32}
     assert loss.dtype == torch.float32
-    ref = _full(hidden.detach().float(), head.float(), labels)
-    assert abs(loss.item() - ref.item()) <= 2e-2 * ref.item()
+    with torch.no_grad():
+        logits = head(hidden)  # (1, T, V) bf16
+        ref = real_ce(logits.float().reshape(-1, V), labels.reshape(-1), reduction="sum", ignore_index=-100)
+        in_bf16 = real_ce(logits.reshape(-1, V), labels.reshape(-1), reduction="sum", ignore_index=-100).float()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    assert abs(in_bf16.item() - ref.item()) > 1e-4 * ref.item()  # guard: a bf16 cross-entropy is 10x off that
 
 
 @pytest.mark.parametrize("args, match", [

@@ -1,20 +1,20 @@
 """Real text for tests, present on every machine or in ../shared/data, and tokenizers trained in-test.
 
 - the Python standard library's own sources (code and docstrings, with long-range repetition);
-- ``real_rows``: packed rows of WikiText-2 for the sequence-parallel tests (dataset contract,
-  DESIGN.md section 2). Articles are tokenised with SentencePiece's own small test model (vocab
-  1000), given BOS/EOS, concatenated and cut into rows of ``seq_len``: documents cross row
-  boundaries (a piece per row) and, once sharded, slice boundaries. ``short_docs`` splits articles
-  into paragraph-sized documents so a row holds several of them.
+- ``real_rows``: packed rows of standard-library text for the sequence-parallel tests (dataset
+  contract, DESIGN.md section 2), so they run on every machine. Paragraphs are tokenised with a
+  SentencePiece model trained here on the same text (vocab 1000, under a second), given BOS/EOS,
+  concatenated and cut into rows of ``seq_len``: documents cross row boundaries (a piece per row)
+  and, once sharded, slice boundaries. ``short_docs`` cuts paragraphs to mixed short lengths so a
+  row holds several documents.
 """
 from __future__ import annotations
 
+import functools
 import io
-import json
 import sysconfig
 from pathlib import Path
 
-from tests.support.paths import shared_file
 
 # A fixed, version-robust subset of the standard library (~1 MB of code and docstrings).
 STDLIB_PACKAGES = ("json", "email", "http", "logging", "unittest")
@@ -58,18 +58,21 @@ VOCAB = 1000
 LIMITS = (60, 200, 25, 120, 45)  # characters per short document, cycled
 
 
-def real_rows(seq_len: int, n_rows: int, short_docs: bool = True) -> list[dict]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_sp():
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(shared_file("tokenizers", "spm_botchan_test_model.model")))
-    lines = shared_file("corpora", "wikitext2_valid.jsonl").read_text(encoding="utf-8").splitlines()
+    text = stdlib_text()
+    return spm.SentencePieceProcessor(model_proto=train_spm([l for l in text.splitlines() if l.strip()], VOCAB))
+
+
+def real_rows(seq_len: int, n_rows: int, short_docs: bool = True) -> list[dict]:
+    sp = _stdlib_sp()
+    paragraphs = [p for p in stdlib_text().split("\n\n") if len(p.strip()) > 40]
     docs = []
-    for line in lines:
-        text = json.loads(line)["text"]
-        parts = [p for p in text.split("\n") if len(p.strip()) > 40] if short_docs else [text]
-        for part in parts:
-            limit = LIMITS[len(docs) % len(LIMITS)] if short_docs else None  # mixed document lengths
-            docs.append([sp.bos_id()] + sp.encode(part[:limit]) + [sp.eos_id()])
+    for text in paragraphs:
+        limit = LIMITS[len(docs) % len(LIMITS)] if short_docs else None  # mixed document lengths
+        docs.append([sp.bos_id()] + sp.encode(text[:limit]) + [sp.eos_id()])
         if sum(map(len, docs)) > seq_len * n_rows:
             break
     rows, ids, lens = [], [], []

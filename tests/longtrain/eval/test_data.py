@@ -90,7 +90,9 @@ def test_dataset_from_longtrain_prepare(tmp_path, trained_folder, stdlib_spm, bo
     assert res["windows"] == len(pieces) and res["tokens"] == 127 * len(pieces)
     raw = tokenize_documents(read_data([str(docs)]), model.tokenizer)
     ref = perplexity_at_length(model.model, raw, 128, progress=False)
-    assert abs(res["ppl"] / ref["ppl"] - 1) < 0.2, (res["ppl"], ref["ppl"])  # same text, same model
+    assert ref["tokens"] == res["tokens"]  # as many targets from the raw text
+    # Same text, same model, windows cut at other places: measured 316.0 vs 318.5 (0.8%).
+    assert abs(res["ppl"] / ref["ppl"] - 1) < 0.02, (res["ppl"], ref["ppl"])
 
     other = load_tokenizer(stdlib_spm)
     with pytest.raises(ValueError, match=r"meta.json: tokenizer.sha256 = "):

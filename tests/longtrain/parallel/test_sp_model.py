@@ -17,8 +17,6 @@ from tests.support.text import real_rows
 from tests.support.distributed import run_distributed
 from tests.longtrain.parallel._workers import model_worker
 
-pytest.importorskip("longtrain.loss", reason="longtrain/loss.py (chunked_lm_loss_sum) not landed yet")
-
 pytestmark = pytest.mark.multiproc
 LOSS_TOL, GRAD_TOL = 1e-6, 1e-5
 
