@@ -6,8 +6,11 @@ such data into their long stages). Two kinds:
 
 - ``copy``: a passage drawn from a real corpus (whole lines), filler lines from elsewhere in the
   corpus, then the same passage again, starting ``distance`` tokens after the first one
-  (start-to-start). With ``passage=words`` the passage is one line of random corpus words instead,
-  so nothing in the repeat is predictable except by copying.
+  (start-to-start); ``repeats`` copies in all after the first. With ``passage=words`` the passage is
+  one line of random corpus words instead, so nothing in a repeat is predictable except by copying.
+  A distance below the passage length is raised to it (copies never overlap), so ``max_distance=1``
+  gives back-to-back repeats (a curriculum's first, easiest step: induction heads form much sooner on
+  such documents).
 - ``kv`` (RULER's multi-key needle, Hsieh et al. 2024): ``keys`` lines ``KEY = VALUE`` scattered
   through filler lines, KEY a word of :data:`KEY_WORDS`, VALUE ``value_digits`` random digits; the
   last line repeats one of them, so its VALUE is retrieved from ``distance`` tokens back (from the
@@ -23,6 +26,7 @@ Options (``&``-separated after ``?``; lengths and distances are in tokens of ``-
 | ``min_distance``, ``max_distance`` | widest that fits | range of the dependency distance, drawn uniformly per document |
 | ``min_passage``, ``max_passage`` | 8, ``length // 4`` | copy: passage length range |
 | ``passage`` | ``lines`` | copy: ``lines`` (a corpus passage) or ``words`` (random corpus words) |
+| ``repeats`` | 1 | copy: copies after the first, each ``distance`` after the previous (0: as many as fit) |
 | ``keys`` | 4 | kv: key/value lines per document (one asked, the others distractors) |
 | ``value_digits`` | 4 | kv: digits per value |
 | ``seed`` | ``--seed`` | generator seed; document ``i`` depends only on (seed, the spec, i) |
@@ -82,6 +86,7 @@ class SyntheticSpec:
     min_passage: int = 8
     max_passage: int | None = None
     passage: str = "lines"
+    repeats: int = 1
     keys: int = 4
     value_digits: int = 4
     seed: int | None = None
@@ -141,6 +146,8 @@ def _check(spec: SyntheticSpec, where: str) -> None:
         bad(f"max_passage={spec.max_passage} is below min_passage={spec.min_passage}")
     if spec.min_distance and spec.max_distance and spec.min_distance > spec.max_distance:
         bad(f"min_distance={spec.min_distance} is above max_distance={spec.max_distance}")
+    if spec.repeats < 0:
+        bad(f"repeats={spec.repeats} must be 0 (as many as fit) or more")
     if not 1 <= spec.keys <= len(KEY_WORDS):
         bad(f"keys={spec.keys} must be between 1 and {len(KEY_WORDS)}")
     if not 1 <= spec.value_digits <= 12:
@@ -176,6 +183,8 @@ class Corpus:
         self.lens = np.array([len(i) for i in self.ids], dtype=np.int64)
         self.words = sorted({w for t in texts for w in re.findall(r"\b[A-Za-z_][A-Za-z_0-9]{2,15}\b", t)})
         self.newline = line_ids(encode_batch, ["\n"])[0]  # ids of an empty line: the newline
+        # The shortest line with text: a document's first line when its random lead came out empty.
+        self.short_line = min((i for i, line in enumerate(self.lines) if line.strip()), key=lambda i: self.lens[i])
 
 
 def read_corpus(source_path: str, encode_batch: EncodeBatch, where: str) -> Corpus:
@@ -215,6 +224,7 @@ class _Draft:
     source: int                # index of the segment depended on
     dependent: int             # index of the dependent segment
     answer_tokens: int
+    copies: list[int] | None = None  # copy: every copy's segment (all must have the same ids)
 
 
 class Generator:
@@ -233,13 +243,15 @@ class Generator:
         self.key = [seed, int.from_bytes(digest, "big")]
 
     # -- pieces ------------------------------------------------------------------------------
-    def _filler(self, rng, tokens: int) -> list[int]:
-        """Consecutive corpus lines from a random place whose ids number closest to ``tokens``."""
+    def _filler(self, rng, tokens: int, at_most: bool = False) -> list[int]:
+        """Consecutive corpus lines from a random place whose ids number closest to ``tokens``
+        (``at_most``: not more than ``tokens``)."""
         lens, out, total = self.corpus.lens, [], 0
         i = int(rng.integers(0, len(lens)))
         while total < tokens:
             n = int(lens[i])
-            if total + n - tokens > tokens - total:  # the next line overshoots more than stopping undershoots
+            over = total + n - tokens
+            if over > 0 and (at_most or over > tokens - total):  # overshoots more than stopping undershoots
                 break
             out.append(i)
             total += n
@@ -304,16 +316,30 @@ class Generator:
         text, ids = made
         p = len(ids)
         lead_min = 1  # a line before the passage: the document's first line tokenizes differently (dummy prefix)
-        hi_d = min(spec.max_distance or length, length - p - lead_min)
-        lo_d = min(max(spec.min_distance or p, p), hi_d)
-        if hi_d < p:
+        room = length - p - lead_min  # for the copies after the first, each `distance` after the previous
+        cap = room // max(spec.repeats, 1)
+        if cap < p:
             return None
+        hi_d = min(max(spec.max_distance or length, p), cap)  # raised to p: copies never overlap
+        lo_d = min(max(spec.min_distance or p, p), hi_d)
         distance = int(rng.integers(lo_d, hi_d + 1))
-        gap_t, gap_i = self._lines(self._filler(rng, distance - p))
-        lead = self._filler(rng, int(rng.integers(lead_min, max(lead_min, length - p - distance) + 1)))
-        lead_t, lead_i = self._lines(lead or [int(np.argmin(self.corpus.lens))])
-        segments = lead_t + [text] + gap_t + [text]
-        return _Draft(segments, lead_i + [ids] + gap_i + [ids], len(lead_t), len(segments) - 1, 0)
+        repeats = spec.repeats or room // distance
+        segments, ids_list, copies = [], [], []
+        for r in range(repeats + 1):
+            if r:
+                gap_t, gap_i = self._lines(self._filler(rng, distance - p))
+                segments += gap_t
+                ids_list += gap_i
+            copies.append(len(segments))
+            segments.append(text)
+            ids_list.append(ids)
+        used = sum(map(len, ids_list))
+        if used + lead_min > length:
+            return None
+        lead = self._filler(rng, int(rng.integers(lead_min, length - used + 1)), at_most=True)
+        lead_t, lead_i = self._lines(lead or [self.corpus.short_line])
+        copies = [len(lead_t) + c for c in copies]
+        return _Draft(lead_t + segments, lead_i + ids_list, copies[0], copies[1], 0, copies)
 
     def _kv(self, rng) -> _Draft | None:
         spec, length, corpus = self.spec, self.length, self.corpus
@@ -338,8 +364,9 @@ class Generator:
             return None
         distance = int(rng.integers(lo_d, hi_d + 1))
         gap_t, gap_i = self._lines(self._filler(rng, distance - n_q - t_in))
-        lead = self._filler(rng, int(rng.integers(lead_min, max(lead_min, length - n_q - distance - t_out) + 1)))
-        lead_t, lead_i = self._lines(lead or [int(np.argmin(corpus.lens))])
+        lead = self._filler(rng, int(rng.integers(lead_min, max(lead_min, length - n_q - distance - t_out) + 1)),
+                            at_most=True)
+        lead_t, lead_i = self._lines(lead or [corpus.short_line])
         for j in range(1, spec.keys):  # each distractor at a random line boundary of its part
             t_list, i_list, lo = (gap_t, gap_i, 0) if j in inside else (lead_t, lead_i, 1)
             at = int(rng.integers(lo, len(t_list) + 1))
@@ -379,8 +406,9 @@ class Generator:
         starts = np.cumsum([0, len(head)] + [len(s) for s in d.ids[1:]])
         src = (int(starts[d.source]), int(starts[d.source + 1]))
         dep = (int(starts[d.dependent]), int(starts[d.dependent + 1]))
-        if got[src[0]:src[1]] != got[dep[0]:dep[1]]:
-            return None
+        for seg in d.copies or [d.dependent]:
+            if got[starts[seg]:starts[seg + 1]] != got[src[0]:src[1]]:
+                return None
         if d.answer_tokens:  # kv: the value's ids, just before the line's newline
             end = dep[1] - len(self.corpus.newline)
             answer = (end - d.answer_tokens, end)
