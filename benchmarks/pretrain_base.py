@@ -54,15 +54,16 @@ DATA = {
         ("synthetic:copy?docs={n}&source={code}&length=32&min_passage=3&max_passage=10&repeats=0&max_distance=1", 1.0),
         ("synthetic:copy?docs={n}&source={code}&length=32&min_passage=3&max_passage=10&passage=words", 1.0),
         ("synthetic:copy?docs={n}&source={code}&length=32&min_passage=3&max_passage=10", 1.0),
+        ("synthetic:kv?docs={n}&source={code}&length=48&keys=2", 1.0),
     ],
     "main": [
         ("{code}", 2.0),
         ("synthetic:copy?docs={n}&source={code}&min_passage=8&max_passage=32", 1.0),
-        ("synthetic:copy?docs={n}&source={code}&min_passage=8&max_passage=32&passage=words", 1.0),
+        ("synthetic:copy?docs={half}&source={code}&min_passage=8&max_passage=32&passage=words", 1.0),
         ("synthetic:kv?docs={n}&source={code}&keys=4", 1.0),
     ],
 }
-DOCS = {"warmup": 30000, "main": 12000}  # documents per synthetic input (quick: 1/20)
+DOCS = {"warmup": 15000, "main": 20000}  # documents per synthetic input ({half}: half as many; quick: 1/20)
 
 
 def stdlib_dir() -> Path:
@@ -78,6 +79,7 @@ class Runner:
         self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.exists() else {}
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                         TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        # DeepSpeed compiles a communication op at the first start (~30 s); cached here, as the quickstart does.
         self.env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 
     def record(self, label: str, seconds: float) -> None:
@@ -128,7 +130,7 @@ def prepare_data(runner: Runner, work: Path, manifest: dict, quick: bool) -> dic
             args = ["prepare", "--tokenizer", tok, "--seq-len", L, "--out", folder, "--skip-bad", "--seed", 0,
                     "--overwrite", "--no-progress"]
             for spec, weight in inputs:
-                args += ["--input", f"{spec.format(n=n, code=manifest['train_glob'])}:{weight}"]
+                args += ["--input", f"{spec.format(n=n, half=n // 2, code=manifest['train_glob'])}:{weight}"]
             runner.longtrain(f"prepare {name}", args)
         out[name] = folder
     return out
@@ -229,6 +231,7 @@ def main(argv=None) -> int:
     runner.record("total", time.perf_counter() - start)
     (work / "final.json").write_text(json.dumps({"manifest": manifest, "figures": final,
                                                  "timings": runner.timings}, indent=1) + "\n")
+    write_card(out, manifest, work, final, runner.timings, sys.argv[1:] if argv is None else argv)
     print(json.dumps(final["summary"], indent=1))
     return 0
 
@@ -247,6 +250,50 @@ def final_figures(folder: Path, manifest: dict) -> dict:
                           "copy_gain_vs_control": {d: v["gain_vs_control"] for d, v in figures["copy"].items()},
                           "kv_accuracy": figures["kv"]}
     return figures
+
+
+def write_card(folder: Path, manifest: dict, work: Path, final: dict, timings: dict, argv) -> None:
+    """Append how the model was made to the card `longtrain export` wrote: command, data, time, figures."""
+    recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    curve = [json.loads(line) for line in (work / "probes.jsonl").read_text().splitlines() if line.strip()]
+    hours = timings.get("total", 0) / 3600
+    lines = ["", "## How this model was made", "",
+             f"`python benchmarks/pretrain_base.py {' '.join(argv)}` (seeded; data prepared and trained with "
+             "`longtrain tokenizer`, `longtrain prepare`, `longtrain train`, `longtrain export`), recipe "
+             "`configs/pretrain_base.yaml`.", "",
+             f"- Time: {hours:.1f} h wall on 2 shared CPU cores, one training process "
+             f"({', '.join(f'{k} {v / 60:.0f} min' for k, v in timings.items() if k != 'total')}).",
+             f"- Code: the top-level modules of the Python {manifest['python']} standard library "
+             f"(`{manifest['train_glob']}`, {manifest['train_modules']} files); held out, never trained on: the "
+             f"packages {', '.join(manifest['held_out_packages'])} (the probes below and the quickstart use them).",
+             "- Synthetic long-dependency documents (`longtrain prepare --input 'synthetic:...'`, "
+             "`data_prep/synthetic.py`):"]
+    for name, inputs in DATA.items():
+        lines.append(f"  - `{name}`: " + "; ".join(f"`{spec.split('&source=')[0]}...` x{weight:g}" for spec, weight in inputs))
+    lines += ["", "| stage | steps | rows x seq_len | lr | data |", "|---|---:|---|---|---|"]
+    for st in recipe["stages"]:
+        lines.append(f"| {st['name']} | {st['steps']} | {st['micro_batch_size']} x {st['seq_len']} | {st['lr']:g}"
+                     f" ({st.get('decay', 'cosine')}) | {st['data']} |")
+    lines += ["", "### Probes on the held-out packages during training (`longtrain.eval.probes`)", "",
+              "Copy gain = NLL of a 32-token passage's first occurrence minus NLL of its repeat, by start-to-start "
+              "distance d (nats per token; in brackets: against the same repeat after a different first passage). "
+              f"kv = key-value retrieval accuracy at {L} tokens (4 keys, teacher-forced exact match of the value).", "",
+              "| step | " + " | ".join(f"copy d={d}" for d in curve[0]["copy"]) + f" | kv@{L} |",
+              "|---:|" + "---:|" * (len(curve[0]["copy"]) + 1)]
+    for rec in curve:
+        cells = " | ".join(f"{v['gain']:+.2f} ({v['gain_vs_control']:+.2f})" for v in rec["copy"].values())
+        lines.append(f"| {rec['step']} | {cells} | {rec['kv'][str(L)] if str(L) in rec['kv'] else rec['kv'][L]:.2f} |")
+    summary = final["summary"]
+    lines += ["", "### Final figures (held-out packages; inside L = 128 and at 2-4 L)", "",
+              "| distance d | " + " | ".join(str(d) for d in summary["copy_gain"]) + " |",
+              "|---|" + "---:|" * len(summary["copy_gain"]),
+              "| copy gain | " + " | ".join(f"{v:+.2f}" for v in summary["copy_gain"].values()) + " |",
+              "| vs control | " + " | ".join(f"{v:+.2f}" for v in summary["copy_gain_vs_control"].values()) + " |", "",
+              "| length | " + " | ".join(str(n) for n in summary["kv_accuracy"]) + " |",
+              "|---|" + "---:|" * len(summary["kv_accuracy"]),
+              "| kv retrieval | " + " | ".join(f"{v:.2f}" for v in summary["kv_accuracy"].values()) + " |", ""]
+    card = folder / "README.md"
+    card.write_text(card.read_text(encoding="utf-8") + "\n".join(lines), encoding="utf-8")
 
 
 if __name__ == "__main__":

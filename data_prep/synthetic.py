@@ -68,7 +68,7 @@ lantern marble meteor monkey nectar nickel orchid otter paddle pebble pigeon pir
 raven ribbon saffron salmon sponge sultan thunder timber trumpet tulip umbrella valley wagon
 """.split())
 KV_LINE = "{key} = {value}"  # a needle line (without its newline); the document's last line asks one again
-ATTEMPTS = 20  # draws of one document before the tokenizer is declared unsafe
+ATTEMPTS = 100  # draws of one document (tight lengths reject many) before giving up
 
 EncodeBatch = Callable[[list[str]], list]  # texts -> ids of each (no BOS/EOS)
 
@@ -398,7 +398,7 @@ class Generator:
         if d.segments[0].count("\n") != 1:
             return None
         text = "".join(d.segments)
-        head = [int(t) for t in self.corpus.encode_batch([d.segments[0][:-1]])[0]] + self.corpus.newline
+        head = [int(t) for t in self.corpus.encode_batch([d.segments[0]])[0]]  # with the dummy prefix
         expected = head + [t for seg in d.ids[1:] for t in seg]
         got = [int(t) for t in self.corpus.encode_batch([text])[0]]
         if got != expected or len(got) > self.length:
