@@ -269,7 +269,10 @@ def write_card(folder: Path, manifest: dict, work: Path, final: dict, timings: d
              "- Synthetic long-dependency documents (`longtrain prepare --input 'synthetic:...'`, "
              "`data_prep/synthetic.py`):"]
     for name, inputs in DATA.items():
-        lines.append(f"  - `{name}`: " + "; ".join(f"`{spec.split('&source=')[0]}...` x{weight:g}" for spec, weight in inputs))
+        n = DOCS[name]
+        shown = [f"`{spec.replace('&source={code}', '').format(n=n, half=n // 2, code='Lib/*.py')}` x{weight:g}"
+                 for spec, weight in inputs]
+        lines.append(f"  - `{name}` (source of passages and filler: the same modules): " + ", ".join(shown))
     lines += ["", "| stage | steps | rows x seq_len | lr | data |", "|---|---:|---|---|---|"]
     for st in recipe["stages"]:
         lines.append(f"| {st['name']} | {st['steps']} | {st['micro_batch_size']} x {st['seq_len']} | {st['lr']:g}"
