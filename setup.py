@@ -29,6 +29,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pyarrow",
+        "zstandard>=0.22",  # .zst inputs (SlimPajama, RedPajama); gzip, bz2 and xz are in the standard library
     ],
     extras_require={
         # flash-attn builds only where CUDA is present (DESIGN.md section 3).

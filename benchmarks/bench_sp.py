@@ -64,7 +64,7 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int):
                                       tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float().train()
-    from longtrain.trainer import enable_activation_checkpointing
+    from longtrain.activation_checkpointing import enable_activation_checkpointing
 
     enable_activation_checkpointing(model)  # the trainer's own (ZeRO < 3): selective, keeps attention outputs
     return model

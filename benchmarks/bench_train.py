@@ -15,6 +15,12 @@ memory budget (peak RSS of a fresh process per length; a watchdog stops a probe 
 
     python benchmarks/bench_train.py                       # seq_len 4096 speed, 3 GiB budget
     python benchmarks/bench_train.py --seq-len 2048 --steps 3 --budget-gb 2 --max-probe 16384
+
+``--tiling`` measures instead what ``train.tiled_mlp: auto`` saves: peak RSS of one training step at 32k
+and 64k tokens with and without tiling (a fresh process each; one row of 4096-token documents of random
+ids, so no dataset is needed):
+
+    python benchmarks/bench_train.py --tiling              # about 15 minutes on 2 busy cores
 """
 from __future__ import annotations
 
@@ -72,35 +78,26 @@ class BaselineLoss:
         return _Module(hf_model)
 
 
-def build_engine(variant: str, seq_len: int, data: Path):
-    """A DeepSpeed engine for ``variant`` (baseline | longtrain) and a batch source."""
-    import deepspeed
-    import torch
-
-    from longtrain.attention import register_attention
+def build_variant(variant: str, seq_len: int, data: Path, **train):
+    """A DeepSpeed engine for ``variant`` (baseline | longtrain) and a batch source. Both are assembled
+    by the trainer's own builder (``longtrain.engine``); only the attention and loss module differ.
+    ``train``: extra ``train.*`` keys (e.g. ``tiled_mlp``)."""
     from longtrain.config import config_from_dict
     from longtrain.data import PreparedDataset
+    from longtrain.distributed import init_distributed
     from longtrain.ds_config import build_deepspeed_config
+    from longtrain.engine import build_engine, loss_module
     from longtrain.model import load_model
-    from longtrain.trainer import CausalLMLoss, enable_activation_checkpointing, init_distributed, param_groups
 
     init_distributed()
     cfg = config_from_dict({"model": {"config": dict(MODEL, max_position_embeddings=seq_len), "init_seed": 0},
-                            "train": {"zero_stage": 2, "precision": "fp32", "grad_clip": 1.0},
+                            "train": {"zero_stage": 2, "precision": "fp32", "grad_clip": 1.0, **train},
                             "stages": [{"seq_len": seq_len, "rope": {"type": "default", "theta": 10000},
                                         "data": str(data), "lr": 3e-4, "steps": 1}]})
     hf_model = load_model(cfg.model)
-    if variant == "longtrain":
-        register_attention()
-        hf_model.set_attn_implementation("longtrain")
-        enable_activation_checkpointing(hf_model)
-        module = CausalLMLoss(hf_model, cfg.train.loss_chunk_tokens)
-    else:
-        module = BaselineLoss.build(hf_model)
-    module.train()  # as the trainer does: from_pretrained / eval mode would skip checkpointing
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, 0.1),
-                                      config=build_deepspeed_config(cfg, 1, False))
-    return engine, PreparedDataset(data)
+    module = loss_module(hf_model, cfg.train) if variant == "longtrain" else BaselineLoss.build(hf_model)
+    engine = build_engine(module, build_deepspeed_config(cfg, 1, False), 0.1)
+    return engine, (PreparedDataset(data) if (data / "meta.json").exists() else None)
 
 
 def train_steps(engine, dataset, steps: int, first_row: int = 0) -> tuple[list[float], list[float], int, int]:
@@ -132,7 +129,7 @@ def speed(args) -> dict:
     results = {}
     peak = measure_matmul_peak(torch.device("cpu"))
     for variant in ("baseline", "longtrain"):
-        engine, dataset = build_engine(variant, args.seq_len, data)
+        engine, dataset = build_variant(variant, args.seq_len, data)
         train_steps(engine, dataset, 1, first_row=len(dataset) - 1)  # warm-up (allocator, first calls)
         losses, seconds, tokens, sum_sq = train_steps(engine, dataset, args.steps)
         hf = engine.module.hf_model
@@ -159,11 +156,9 @@ def probe_child(variant: str, seq_len: int, data: str, budget: int) -> None:
             time.sleep(0.005)
 
     threading.Thread(target=watchdog, daemon=True).start()
-    engine, dataset = build_engine(variant, seq_len, Path(data))
+    engine, dataset = build_variant(variant, seq_len, Path(data))
     train_steps(engine, dataset, 2)
-    # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the benchmark parent's peak.
-    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print(json.dumps({"peak_rss": peak}), flush=True)
+    print(json.dumps({"peak_rss": peak_rss()}), flush=True)
     os._exit(0)
 
 
@@ -180,6 +175,52 @@ def probe(variant: str, seq_len: int, args) -> int | None:
     if proc.returncode not in (3,):
         print(proc.stderr[-2000:], file=sys.stderr)
     return None
+
+
+def peak_rss() -> int:
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the benchmark parent's peak.
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+
+def tiling_child(seq_len: int, tiled: bool, out: str) -> None:
+    """One fresh process: one training step on one row of ``seq_len`` tokens (documents of 4096 random
+    ids), ``tiled_mlp`` auto or off; prints the peak RSS and the step's loss."""
+    import numpy as np
+
+    from longtrain.batching import make_packed_batch
+
+    engine, _ = build_variant("longtrain", seq_len, Path(out), tiled_mlp="auto" if tiled else 1)
+    ids = np.random.default_rng(0).integers(3, MODEL["vocab_size"], seq_len)
+    docs = [4096] * (seq_len // 4096) + ([seq_len % 4096] if seq_len % 4096 else [])
+    batch = make_packed_batch([{"input_ids": ids, "doc_lens": docs, "loss_mask": np.ones(seq_len, np.uint8)}])
+    start = time.perf_counter()
+    loss = engine(batch.input_ids, batch.position_ids, batch.labels, batch.cu_seqlens, batch.max_seqlen)
+    engine.backward(loss / batch.num_targets)
+    engine.step()
+    print(json.dumps({"peak_rss": peak_rss(), "loss": loss.item() / batch.num_targets,
+                      "seconds": time.perf_counter() - start}), flush=True)
+    os._exit(0)
+
+
+def tiling(args) -> dict:
+    """Peak RSS at 32k and 64k tokens with and without ``train.tiled_mlp: auto`` (fresh process each)."""
+    out = {}
+    for seq_len in (32768, 65536):
+        for tiled in (False, True):
+            env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(29600 + seq_len % 89 + tiled))
+            proc = subprocess.run([sys.executable, __file__, "--tiling-child", str(seq_len), str(int(tiled)),
+                                   str(args.out)], env=env, capture_output=True, text=True)
+            result = next((json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")), None)
+            if result is None:
+                print(proc.stderr[-2000:], file=sys.stderr)
+            key = f"{seq_len}_{'tiled' if tiled else 'untiled'}"
+            out[key] = result
+            if result:
+                print(f"seq_len {seq_len:>6} tiled_mlp {'auto' if tiled else 'off ':<4}: peak RSS "
+                      f"{result['peak_rss'] / 2**30:.2f} GiB, loss {result['loss']:.5f}, {result['seconds']:.0f} s",
+                      flush=True)
+    return out
 
 
 def memory(args) -> dict:
@@ -204,14 +245,22 @@ def memory(args) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--probe-child":
         probe_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--tiling-child":
+        tiling_child(int(sys.argv[2]), bool(int(sys.argv[3])), sys.argv[4])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq-len", type=int, default=4096, help="row length of the speed comparison")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side (after one warm-up)")
     parser.add_argument("--budget-gb", type=float, default=3.0, help="memory budget of the longest-seq_len probe")
     parser.add_argument("--max-probe", type=int, default=32768, help="longest seq_len probed")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--tiling", action="store_true", help="only: peak RSS at 32k / 64k with and without tiled MLP")
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "train")
     args = parser.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if args.tiling:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tiling.json").write_text(json.dumps(tiling(args), indent=2))
+        return
     if not TOKENIZER.exists():
         raise SystemExit(f"needs ../shared/data (not found: {TOKENIZER}); set LONGTRAIN_SHARED_DATA")
     args.out.mkdir(parents=True, exist_ok=True)

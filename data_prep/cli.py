@@ -1,14 +1,14 @@
 """Thin entry points: ``longtrain prepare | inspect | tokenizer`` (argparse -> library call).
 
-Each ``*_main(argv)`` returns an exit code: 0 on success, 1 for a user error (printed as one
-message, no traceback), 2 for a command-line usage error, 130 when interrupted.
+Each ``*_main(argv)`` returns an exit code (longtrain.errors, README "Exit codes"): 0 on success, 2 for
+bad input or a command-line usage error (printed as one line, no traceback), 130 when interrupted
+(nothing is written to the output folder then).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
-from data_prep.errors import DataPrepError
+from longtrain.errors import run_command
 
 
 def _run(prog: str, parser: argparse.ArgumentParser, argv: list[str], action) -> int:
@@ -16,27 +16,21 @@ def _run(prog: str, parser: argparse.ArgumentParser, argv: list[str], action) ->
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse printed it already
         return int(exc.code or 0)
-    try:
-        action(args)
-        return 0
-    except DataPrepError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
+    return run_command(prog, lambda: action(args), "interrupted; nothing was written to the output folder")
 
 
 def _input_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--input", action="append", required=True, metavar="PATH[:WEIGHT]" if weights else "PATH",
-                   help="a .jsonl/.ndjson(.gz), .parquet or plain text file (one document per file), a "
+                   help="a .jsonl/.ndjson, .parquet or plain text file (one document per file; JSONL and text "
+                        "may be compressed: .gz, .bz2, .xz, .zst), a "
                         "datasets folder (save_to_disk), a folder (all files below it) or a quoted glob "
                         "such as 'src/**/*.py'. Repeat for several sources."
                         + (" WEIGHT scales a source by tokens: 2.0 = every document twice, 0.5 = a "
                            "deterministic half of its tokens." if weights else ""))
     p.add_argument("--text-field", default="text", help="JSONL field / column holding the text (default: text)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip bad documents (invalid JSON, missing field, non-UTF-8, empty, binary, too large), "
+                   help="skip bad documents (invalid JSON, missing field, non-UTF-8, empty, binary, too large, the "
+                        "rest of a truncated or damaged compressed file), "
                         "count them by reason and report them, instead of stopping at the first")
     p.add_argument("--max-doc-bytes", type=int, default=64 << 20,
                    help="largest document (or JSONL line) read, in bytes; larger ones are bad input "
@@ -61,7 +55,8 @@ def prepare_parser() -> argparse.ArgumentParser:
                    help="fraction of documents (whole documents) for the validation split (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and the weights")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer worker processes (default: 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a prepared dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a prepared dataset and nothing else (other files: refused)")
     p.add_argument("--id-field", help="JSONL field / column with a document id: the validation split and the "
                                       "weights then follow the id, not the document's position")
     p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
@@ -108,11 +103,13 @@ def inspect_main(argv: list[str]) -> int:
                    help="show this many characters at each end of a segment; 0 shows all (default: 300)")
     p.add_argument("--tokens", type=int, default=0, help="also list the first N tokens of each segment")
     p.add_argument("--tokenizer", help="decode with this tokenizer instead of the one in meta.json")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's sha256 against meta.json (by default only the split's file sizes)")
 
     def action(args):
         from data_prep.inspect_dataset import inspect_dataset
 
-        inspect_dataset(args.dir, args.row, args.split, args.chars, args.tokens, args.tokenizer)
+        inspect_dataset(args.dir, args.row, args.split, args.chars, args.tokens, args.tokenizer, verify=args.verify)
 
     return _run("longtrain inspect", p, argv, action)
 

@@ -1,12 +1,14 @@
 """User-facing errors of data prep: reported as one message and a non-zero exit code, no traceback."""
 from __future__ import annotations
 
+from longtrain.errors import UserError  # torch-free: data prep never imports torch
 
-class DataPrepError(Exception):
+
+class DataPrepError(UserError):
     """A problem the user can fix (bad option, bad input, missing file).
 
     The message names what is wrong (file, line, option) and what to do; the CLI prints it
-    without a traceback and exits with status 1.
+    without a traceback and exits with status 2 (longtrain.errors).
     """
 
 
@@ -31,4 +33,8 @@ REASONS = {
     "binary_file": "exclude it with a narrower glob (e.g. 'DIR/**/*.py')",
     "too_large": "raise --max-doc-bytes, or split the document",
     "empty": "remove empty documents",
+    # Whole files: the documents of a compressed file read before the damage are kept, the rest of
+    # the file counts once under damaged_input (how many documents it held cannot be known).
+    "damaged_input": "the file is truncated or damaged: copy or download it again (check its size or checksum)",
+    "unsupported_compression": "decompress it, or recompress it with gzip, bzip2, xz or zstd",
 }

@@ -5,12 +5,13 @@ In a decoded row, tokens that are not training targets (``loss_mask`` 0) are sho
 """
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.errors import DataPrepError
+from data_prep.integrity import DamagedDatasetError, check_dataset_files, dataset_bytes, read_meta
 from data_prep.stats import summary_lines
 from data_prep.tokenizer import Tokenizer
 
@@ -21,7 +22,7 @@ def load_meta(folder: Path) -> dict:
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise DataPrepError(f"{folder}: no meta.json, so not a prepared dataset (make one with longtrain prepare)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_meta(Path(folder))
 
 
 def load_split(folder: Path, split: str):
@@ -31,7 +32,23 @@ def load_split(folder: Path, split: str):
     if not path.is_dir():
         have = [p.name for p in Path(folder).iterdir() if (p / "state.json").is_file()]
         raise DataPrepError(f"{folder}: no split '{split}' (splits: {', '.join(sorted(have))}); choose one with --split")
-    return datasets.load_from_disk(str(path))
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as exc:  # pyarrow's errors are OSError / ValueError subclasses
+        raise DamagedDatasetError(f"{path}: cannot be read, the dataset is damaged ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); prepare it again") from None
+
+
+def verify_dataset(folder: Path, full: bool, meta: dict, log=print, splits: list[str] | None = None) -> None:
+    """Check the files against meta.json (sizes; with ``full`` sha256 too) and say what was checked."""
+    start = time.monotonic()
+    note = check_dataset_files(folder, full, splits, meta)
+    if note:
+        log(f"note: {note}")
+    elif full:
+        files, size = dataset_bytes(meta, splits)
+        log(f"verified {files} files ({size / 2**20:,.1f} MiB): sizes and sha256 match meta.json "
+            f"({time.monotonic() - start:.2f} s)")
 
 
 def _segment_text(tok: Tokenizer, ids: np.ndarray, mask: np.ndarray) -> str:
@@ -81,11 +98,15 @@ def render_row(row: dict, tok: Tokenizer | None, pad_id: int, chars: int = 300, 
 
 
 def inspect_dataset(folder: str, row: int = 0, split: str = "train", chars: int = 300, tokens: int = 0,
-                    tokenizer: str | None = None, log=print) -> None:
+                    tokenizer: str | None = None, log=print, verify: bool = False) -> None:
+    """Summary and one decoded row; the split's file sizes are checked first, ``verify`` checks every
+    file's sha256 (DamagedDatasetError naming the file)."""
     folder = Path(folder)
     meta = load_meta(folder)
     for line in summary_lines(meta):
         log(line)
+    if (folder / split).is_dir():
+        verify_dataset(folder, verify, meta, log, None if verify else [split])
     ds = load_split(folder, split)
     if not 0 <= row < len(ds):
         raise DataPrepError(f"--row {row}: the '{split}' split has rows 0..{len(ds) - 1}")

@@ -9,6 +9,7 @@ into place at the end, so a folder named ``--out`` is always complete.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from data_prep import __version__
 from data_prep.encode import Encoder
 from data_prep.errors import BadDocument, DataPrepError
+from data_prep.integrity import FILES_KEY, record_files
 from data_prep.mixture import WeightSampler, is_validation
 from data_prep.packing import PackCounts, RowAssembler, make_packer
 from data_prep.sources import InputSpec, ReadOptions, SourceStats, iter_documents, resolve_source
@@ -97,12 +99,29 @@ class PrepareConfig:
             self.pack_buffer_tokens = max(1 << 20, 16 * self.seq_len)
 
 
+# What a prepared dataset folder holds: only a folder made of these is replaced by --overwrite.
+_DATASET_ENTRIES = {"meta.json", "stats.png", "train", "validation"}
+_SPLIT_FILES = ("data-*.arrow", "cache-*.arrow", "state.json", "dataset_info.json")  # cache-*: datasets' own
+
+
 def _holds_dataset(folder: Path) -> bool:
     return (folder / "meta.json").exists() or (folder / "train").exists()
 
 
+def _unexpected_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` that ``prepare`` does not write (relative paths, folders with a trailing /)."""
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in _DATASET_ENTRIES or entry.is_dir() != (entry.name in ("train", "validation")):
+            out.append(entry.name + ("/" if entry.is_dir() else ""))
+        elif entry.is_dir():
+            out += [f"{entry.name}/{f.name}" + ("/" if f.is_dir() else "") for f in sorted(entry.iterdir())
+                    if f.is_dir() or not any(f.match(pattern) for pattern in _SPLIT_FILES)]
+    return out
+
+
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber a dataset (unless ``overwrite``) or any folder we did not write."""
+    """Refuse to clobber a dataset (unless ``overwrite``) or anything that is not one of ours."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -111,6 +130,11 @@ def check_output(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise DataPrepError(f"--out {out}: already holds a prepared dataset; pass --overwrite to replace "
                                 "it, or choose another --out")
+        unexpected = _unexpected_entries(out)
+        if unexpected:
+            shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+            raise DataPrepError(f"--out {out}: --overwrite replaces only a prepared dataset, but this folder also "
+                                f"holds files prepare did not write: {shown}; move them away or choose another --out")
     elif any(out.iterdir()):
         raise DataPrepError(f"--out {out}: exists, is not empty and holds no prepared dataset; choose another "
                             "--out (--overwrite only ever replaces a prepared dataset)")
@@ -321,6 +345,8 @@ class _Run:
             "splits": splits,
             "doc_length_histogram": self.hist.as_dict(),
             "warnings": self.warnings,
+            # Sizes and sha256 of every split file, checked when the dataset is opened (integrity.py).
+            FILES_KEY: record_files(self.folder, list(splits)),
         }
 
 
@@ -337,10 +363,14 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     check_output(out, cfg.overwrite)
     tok = Tokenizer(cfg.tokenizer)
     sources = [resolve_source(spec, i) for i, spec in enumerate(cfg.inputs)]
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    free = _free_bytes(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise (_disk_error(exc, out, free, 0) or exc) from None
     try:
         run = _Run(cfg, tok, tmp)
         meta = run.execute(sources)
@@ -349,8 +379,12 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # written last
         check_output(out, cfg.overwrite)  # again: something may have appeared meanwhile
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
+        written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        error = _disk_error(exc, out, free, written) if isinstance(exc, OSError) else None
+        if error is not None:
+            raise error from None
         raise
     for line in summary_lines(meta):
         log(line)
@@ -358,6 +392,54 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     log(f"{tokens:,} document tokens in {run.elapsed:.1f} s ({tokens / max(run.elapsed, 1e-9) / 1e3:,.0f}k tok/s); "
         f"wrote {out}")
     return meta
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk that holds ``folder`` (or its nearest existing parent)."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            try:
+                return shutil.disk_usage(parent).free
+            except OSError:
+                return None
+    return None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def _mib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _disk_error(exc: OSError, out: Path, free: int | None, written: int) -> DataPrepError | None:
+    """A write that failed (full or read-only disk, no permission) or an input that could not be read,
+    as one line naming the folder and the cause; None for other OSErrors (bugs keep their traceback).
+    The partial output is gone by now, so nothing was written to --out."""
+    if exc.errno not in _DISK_ERRNOS and not exc.filename:
+        return None
+    folder = out.parent
+    where = Path(exc.filename) if exc.filename else None
+    if where is not None and where in folder.parents:  # mkdir of a missing parent failed
+        folder = where
+    elif where is not None and where != folder and folder not in where.parents:  # not ours: an input
+        return DataPrepError(f"{where}: cannot read it ({exc.strerror or exc}); nothing was written to --out {out}")
+    untouched = "nothing was written to --out" + (" (the partial output was removed)" if written else "")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DataPrepError(f"--out {out}: the disk of {folder} is full (no space left on device; {_mib(free)} "
+                             f"were free when prepare started and the output had reached {_mib(written)}); "
+                             f"{untouched}. Free space there or choose another --out")
+    if exc.errno == errno.EROFS:
+        return DataPrepError(f"--out {out}: cannot write in {folder}: read-only file system; {untouched}. "
+                             "Choose an --out on a writable disk")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return DataPrepError(f"--out {out}: cannot write in {folder}: permission denied; {untouched}. "
+                             "Choose an --out you may write to")
+    return DataPrepError(f"--out {out}: writing in {folder} failed ({exc.strerror or exc}); {untouched}")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -1,11 +1,13 @@
 """Input sources: parse ``PATH[:WEIGHT]``, find the files, and stream documents out of them.
 
 Kinds, detected from the path:
-- ``*.jsonl`` / ``*.ndjson`` (optionally ``.gz``): one JSON object per line, text in ``--text-field``;
+- ``*.jsonl`` / ``*.ndjson``: one JSON object per line, text in ``--text-field``;
 - ``*.parquet``: one row per document, text in the ``--text-field`` column;
 - a folder written by ``datasets``' ``save_to_disk`` (it holds ``state.json``): one row per document;
 - any other file: plain text, the whole file is one document (read as Python's ``open()`` reads
   text: UTF-8, a byte order mark dropped, ``\r\n`` and ``\r`` line endings turned into ``\n``);
+- JSONL and text files may be compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``; data_prep/compression.py):
+  the kind is that of the name without the compression suffix, and they stream decompressed;
 - a folder, or a path with a glob (``DIR/**/*.py``): every matching file, each read by its own
   kind above; a plain folder means ``DIR/**/*``. Hidden files and folders (name starting with
   ``.``) are left out and counted. Files are read in sorted order, so the output is deterministic;
@@ -16,17 +18,18 @@ Readers never raise on a bad document: they yield a :class:`RawDoc` carrying a
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from data_prep.compression import (CHECKSUM_SCOPE, DECODE_ERRORS, SUPPORTED_TEXT, InputStream, NotCompressedAsNamed,
+                                   UnsupportedCompression, split_suffix)
 from data_prep.errors import REASONS, BadDocument, DataPrepError
 
 _GLOB_CHARS = set("*?[")
-_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")  # after any compression suffix is taken off
 _BINARY_PROBE = 8192  # bytes looked at for a NUL byte (what git and grep do to call a file binary)
 
 
@@ -36,20 +39,24 @@ class InputSpec:
     weight: float = 1.0
 
 
-def parse_input_spec(spec: str) -> InputSpec:
+def parse_input_spec(spec: str, option: str = "--input") -> InputSpec:
     """``PATH`` or ``PATH:WEIGHT`` (WEIGHT a positive number). A path that itself exists wins,
-    so a file whose name ends in ``:2`` can still be read."""
+    so a file whose name ends in ``:2`` can still be read. ``option`` names the flag in errors."""
     if ":" in spec and not Path(spec).exists():
         path, tail = spec.rsplit(":", 1)
         try:
             weight = float(tail)
         except ValueError:
             weight = None
-        if weight is not None:
-            if not (math.isfinite(weight) and weight > 0):
-                raise DataPrepError(f"--input {spec}: the weight must be a positive number (2.0 = every "
-                                    "document twice, 0.5 = half of the tokens)")
-            return InputSpec(path, weight)
+        if weight is None:
+            if Path(path).expanduser().exists() or _split_glob(path) is not None:
+                raise DataPrepError(f"{option} {spec}: the weight {tail!r} after the last ':' is not a number; "
+                                    f"write PATH:WEIGHT with a positive number, e.g. {path}:0.5")
+            return InputSpec(spec, 1.0)  # neither reading exists: resolve_source says so
+        if not (math.isfinite(weight) and weight > 0):
+            raise DataPrepError(f"{option} {spec}: the weight must be a positive number (2.0 = every "
+                                "document twice, 0.5 = half of the tokens)")
+        return InputSpec(path, weight)
     return InputSpec(spec, 1.0)
 
 
@@ -101,11 +108,12 @@ def _is_datasets_folder(p: Path) -> bool:
     return (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
 
 
-def resolve_source(spec: InputSpec, index: int) -> Source:
-    """Find the files of one input, or raise a :class:`DataPrepError` saying what is missing."""
-    where = f"--input {spec.path}"
+def resolve_source(spec: InputSpec, index: int, option: str = "--input") -> Source:
+    """Find the files of one input, or raise a :class:`DataPrepError` saying what is missing
+    (``option``: the flag the path came from, as the messages name it)."""
+    where = f"{option} {spec.path}"
     if spec.path.startswith("synthetic:"):
-        from data_prep.synthetic import parse_spec
+        from data_prep.synthetic import parse_spec  # here: synthetic imports this module (a cycle)
 
         parsed = parse_spec(spec.path)  # errors name the option; the corpus is read when generating
         return Source(index, spec, "synthetic", [], parsed.docs * 256)  # bytes: a rough figure for the ETA
@@ -120,11 +128,12 @@ def resolve_source(spec: InputSpec, index: int) -> Source:
         if (p / "dataset_dict.json").is_file():
             splits = sorted(d.name for d in p.iterdir() if d.is_dir() and _is_datasets_folder(d))
             raise DataPrepError(f"{where}: this is a datasets DatasetDict with splits {splits}; "
-                                f"pass one split's folder, e.g. --input {p / (splits[0] if splits else 'train')}")
+                                f"pass one split's folder, e.g. {option} {p / (splits[0] if splits else 'train')}")
         split = (p, "**/*")
     if split is None:
-        raise DataPrepError(f"{where}: no such file or folder; check the path (globs: quote them, "
-                            "e.g. --input 'src/**/*.py')")
+        weight_hint = " (a weight after ':' must be a number)" if ":" in Path(spec.path).name else ""
+        raise DataPrepError(f"{where}: no such file or folder{weight_hint}; check the path (globs: quote "
+                            f"them, e.g. {option} 'src/**/*.py')")
     root, pattern = split
     root = root.expanduser()
     if not root.is_dir():
@@ -161,33 +170,58 @@ def _check_text(text, where: str, nbytes: int, doc_id, opts: ReadOptions) -> Raw
     return RawDoc(text, where, None if doc_id is None else str(doc_id), nbytes)
 
 
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+def _open_input(path: Path, must_be_text: bool) -> InputStream | RawDoc:
+    """The decompressed stream of ``path``, or a bad document saying why it cannot be read."""
+    try:
+        return InputStream(path, sniff_unsupported=must_be_text)
+    except UnsupportedCompression as exc:
+        return _bad("unsupported_compression", str(path), f"compressed with {exc.name}, which prepare cannot "
+                    f"read (supported: {SUPPORTED_TEXT})", path.stat().st_size)
+    except NotCompressedAsNamed as exc:
+        return _bad("damaged_input", str(path), str(exc), path.stat().st_size)
+
+
+def _damaged(stream: InputStream, exc: BaseException, where: str, kept: str, consumed: int) -> RawDoc:
+    """The rest of a stream that fails to decode, as one bad document (what was read before it is kept)."""
+    return _bad("damaged_input", where, f"{stream.describe(exc)}; {kept}", stream.size - consumed)
 
 
 def _read_jsonl(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
+    stream = _open_input(path, must_be_text=True)
+    if isinstance(stream, RawDoc):
+        yield stream
+        return
     limit = opts.max_doc_bytes
-    with _open_binary(path) as f:
-        lineno = 0
-        while True:
-            line = f.readline(limit + 1)  # bounded: a huge line never lands in memory whole
-            if not line:
-                return
-            lineno += 1
-            where = f"{path}:{lineno}"
-            if len(line) > limit and not line.endswith(b"\n"):
-                size = len(line)
-                while chunk := f.readline(1 << 20):  # skip the rest of the line
-                    size += len(chunk)
-                    if chunk.endswith(b"\n"):
-                        break
-                yield _bad("too_large", where, f"line of {size} bytes exceeds --max-doc-bytes {limit}", size)
-                continue
-            yield _parse_jsonl_line(line, where, lineno, opts)
+    lineno = offset = consumed = 0  # lines and decompressed bytes of whole lines; file bytes reported
+    with stream:
+        f = stream.file
+        try:
+            while line := f.readline(limit + 1):  # bounded: a huge line never lands in memory whole
+                lineno += 1
+                where = f"{path}:{lineno}"
+                size, too_large = len(line), len(line) > limit and not line.endswith(b"\n")
+                if too_large:
+                    while chunk := f.readline(1 << 20):  # skip the rest of the line
+                        size += len(chunk)
+                        if chunk.endswith(b"\n"):
+                            break
+                offset += size
+                nbytes, consumed = stream.progress() - consumed, stream.progress()
+                if too_large:
+                    yield _bad("too_large", where, f"line of {size} bytes exceeds --max-doc-bytes {limit}", nbytes)
+                else:
+                    yield _parse_jsonl_line(line, where, lineno, opts, nbytes)
+        except DECODE_ERRORS as exc:
+            kept = (f"the {lineno:,} whole lines before it (up to decompressed byte {offset:,}) are read, the rest "
+                    "of the file is not")
+            if stream.format and not isinstance(exc, EOFError):  # found at the next checksum, not where it is
+                kept += (f"; lines decoded after the damage and before its checksum ({stream.format} checks "
+                         f"{CHECKSUM_SCOPE[stream.format]}) may be garbled, so replace the file "
+                         "rather than skip")
+            yield _damaged(stream, exc, f"{path}:{lineno + 1}", kept, consumed)
 
 
-def _parse_jsonl_line(line: bytes, where: str, lineno: int, opts: ReadOptions) -> RawDoc:
-    nbytes = len(line)
+def _parse_jsonl_line(line: bytes, where: str, lineno: int, opts: ReadOptions, nbytes: int) -> RawDoc:
     if not line.strip():
         return RawDoc(None, where, None, nbytes)  # blank line: not a document (counted by the caller)
     try:
@@ -215,11 +249,19 @@ def _parse_jsonl_line(line: bytes, where: str, lineno: int, opts: ReadOptions) -
 def _read_text_file(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
     where = str(path)
     size = path.stat().st_size
-    if path.suffix != ".gz" and size > opts.max_doc_bytes:
-        yield _bad("too_large", where, f"file of {size} bytes exceeds --max-doc-bytes {opts.max_doc_bytes}", size)
+    stream = _open_input(path, must_be_text=False)
+    if isinstance(stream, RawDoc):
+        yield stream
         return
-    with _open_binary(path) as f:
-        data = f.read(opts.max_doc_bytes + 1)
+    with stream:
+        if stream.format is None and size > opts.max_doc_bytes:
+            yield _bad("too_large", where, f"file of {size} bytes exceeds --max-doc-bytes {opts.max_doc_bytes}", size)
+            return
+        try:
+            data = stream.file.read(opts.max_doc_bytes + 1)
+        except DECODE_ERRORS as exc:  # a text file is one document: all of it is lost
+            yield _damaged(stream, exc, where, "the file is one document, so none of it is read", 0)
+            return
     if len(data) > opts.max_doc_bytes:
         yield _bad("too_large", where, f"file exceeds --max-doc-bytes {opts.max_doc_bytes}", size)
         return
@@ -279,10 +321,10 @@ def _read_datasets_folder(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
 
 
 def _file_kind(path: Path) -> str:
-    name = path.name.lower()
+    name, compressed = split_suffix(path.name.lower())
     if name.endswith(_JSONL_SUFFIXES):
         return "jsonl"
-    return "parquet" if name.endswith(".parquet") else "text"
+    return "parquet" if name.endswith(".parquet") and not compressed else "text"
 
 
 def _read_file(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
@@ -296,7 +338,7 @@ def iter_documents(source: Source, opts: ReadOptions) -> Iterator[RawDoc]:
     """Every document of ``source`` in a fixed order (bad ones carry ``.bad``; blank JSONL lines
     come back with ``text=None`` and ``bad=None``)."""
     if source.kind == "synthetic":
-        from data_prep.synthetic import iter_synthetic
+        from data_prep.synthetic import iter_synthetic  # here: synthetic imports this module (a cycle)
 
         yield from iter_synthetic(source.spec.path, opts)
         return
@@ -305,6 +347,21 @@ def iter_documents(source: Source, opts: ReadOptions) -> Iterator[RawDoc]:
         return
     for path in source.files:
         yield from _read_file(path, opts)
+
+
+def good_documents(source: Source, opts: ReadOptions, skip_bad: bool, skipped: dict) -> Iterator[RawDoc]:
+    """The readable documents of ``source``, in order, with the bad-document rule of every command
+    that reads text (``longtrain tokenizer`` and ``eval``; ``prepare`` keeps its own loop, which also
+    numbers documents for its split): a bad one raises its :class:`BadDocument` (file, line, reason,
+    what to do), or with ``skip_bad`` is counted in ``skipped[reason]`` and left out. Blank JSONL
+    lines are no documents and are left out silently."""
+    for raw in iter_documents(source, opts):
+        if raw.bad is not None:
+            if not skip_bad:
+                raise raw.bad
+            skipped[raw.bad.reason] = skipped.get(raw.bad.reason, 0) + 1
+        elif raw.text is not None:
+            yield raw
 
 
 @dataclass

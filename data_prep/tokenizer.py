@@ -61,6 +61,10 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         self.file, self.kind = resolve_tokenizer_file(path)
+        given = Path(path).expanduser()
+        # tokenizer_config.json is looked for beside the path given, not beside the resolved file: a
+        # Hugging Face cache snapshot links each file to its own blob.
+        self._config_dir = given if given.is_dir() else given.parent
         self.sha256 = file_sha256(self.file)
         if self.kind == "sentencepiece":
             self._load_sentencepiece()
@@ -76,8 +80,8 @@ class Tokenizer:
             raise DataPrepError(f"could not load {self.file} as a SentencePiece model ({exc}); {_HINT}") from None
         sp = self._sp
         self.vocab_size = int(sp.vocab_size())
-        ids = (sp.bos_id(), sp.eos_id(), sp.pad_id())
-        self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in ids)
+        ids = (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id())
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (i if i >= 0 else None for i in ids)
         self.chunked = _splits_at_spaces_safely(self.file) and self._chunked_matches_whole()
 
     def _chunked_matches_whole(self) -> bool:
@@ -94,15 +98,30 @@ class Tokenizer:
         except Exception as exc:
             raise DataPrepError(f"could not load {self.file} as an HF tokenizer.json ({exc}); {_HINT}") from None
         self.vocab_size = int(self._hf.get_vocab_size(with_added_tokens=True))
-        specials, _ = read_special_tokens(self.file.parent)
-        self.bos_id, self.eos_id, self.pad_id = (self._hf.token_to_id(specials[name]) if name in specials else None
-                                                 for name in ("bos_token", "eos_token", "pad_token"))
+        specials, config = read_special_tokens(self._config_dir)
+        # transformers' `split_special_tokens`: a special token's string inside a text stays text. An
+        # export of a SentencePiece run sets it, because SentencePiece encodes "<unk>" in a text as
+        # ordinary pieces: its tokenizer.json then gives the training rows' ids (longtrain/export/tokenizer.py).
+        self._hf.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
+            self._hf.token_to_id(specials[name]) if name in specials else None
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token"))
         self._special = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
 
     def identity(self) -> dict:
         """What meta.json records; compare with :func:`tokenizer_identity` of another path."""
         return {"path": str(self.file), "kind": self.kind, "sha256": self.sha256, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+    def special_tokens(self) -> dict[str, str]:
+        """``{"bos_token": "<s>", ...}``: the pieces of the special ids the tokenizer has (bos, eos, unk,
+        pad), as a ``tokenizer_config.json`` names them (export writes them)."""
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
+        return {name: self.piece(i) for name, i in ids.items() if i is not None}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, without BOS/EOS (the ids ``encode_batch`` gives it)."""
+        return self.encode_batch([text], add_bos=False, add_eos=False)[0].tolist()
 
     def encode_batch(self, texts: list[str], add_bos: bool, add_eos: bool) -> list[np.ndarray]:
         """Token ids (int32 arrays), with BOS/EOS added exactly as asked."""
@@ -143,11 +162,14 @@ class Tokenizer:
             return self._sp.id_to_piece(token_id)
         return self._hf.id_to_token(token_id) or f"<{token_id}>"
 
-    def decode(self, ids) -> str:
-        """Text of ``ids``; special tokens appear as their piece (e.g. ``<s>``)."""
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """Text of ``ids``; special tokens appear as their piece (e.g. ``<s>``), or not at all with
+        ``skip_special`` (generated text, as the tokenizer libraries decode it by default)."""
         ids = [int(i) for i in ids]
         if self.kind == "hf":
-            return self._hf.decode(ids, skip_special_tokens=False)
+            return self._hf.decode(ids, skip_special_tokens=skip_special)
+        if skip_special:
+            return self._sp.decode(ids)  # SentencePiece's own rule: control tokens dropped, <unk> shown
         out, run = [], []
         for i in ids:  # SentencePiece drops control tokens when decoding: show them explicitly
             if self.is_special(i):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.errors import DataPrepError
-from data_prep.sources import InputSpec, ReadOptions, iter_documents, resolve_source
+from data_prep.sources import InputSpec, ReadOptions, good_documents, resolve_source
 from data_prep.tokenizer import Tokenizer
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
@@ -67,14 +67,7 @@ def sample_sentences(cfg: TokenizerConfig) -> tuple[list[str], dict]:
     opts = ReadOptions(cfg.text_field, None, cfg.max_doc_bytes)
     sentences, chars, counts = [], 0, {"documents": 0, "skipped": {}}
     for source in sources:
-        for raw in iter_documents(source, opts):
-            if raw.bad is not None:
-                if not cfg.skip_bad:
-                    raise raw.bad
-                counts["skipped"][raw.bad.reason] = counts["skipped"].get(raw.bad.reason, 0) + 1
-                continue
-            if raw.text is None:
-                continue
+        for raw in good_documents(source, opts, cfg.skip_bad, counts["skipped"]):
             counts["documents"] += 1
             for line in raw.text.split("\n"):
                 for i in range(0, len(line), cfg.max_sentence_chars):

@@ -2,29 +2,37 @@
 
 A packed row holds several documents (segments); a token attends only to earlier tokens of its
 own segment. Segment boundaries come from ``cu_seqlens`` (``longtrain.batching``), never from a
-``T x T`` mask:
+``T x T`` mask. The kernel is one of three backends (``longtrain.attention_backends``; chosen once at
+start-up by ``longtrain.engine.loss_module`` from ``train.attention``, the device, the dtype and what
+is installed, and handed to every layer with the document layout):
 
-- CUDA with flash-attn installed and fp16/bf16 inputs: ``flash_attn_varlen_func`` (one kernel for
-  the whole row, GQA native).
-- Otherwise (CPU, or no flash-attn, or fp32): an exact loop of causal
-  ``scaled_dot_product_attention`` over the segments. On 2 CPU cores it is 4-10x faster than sdpa
-  with an explicit block-diagonal mask (``benchmarks/bench_attention.py``; DESIGN.md section 3) and
-  its memory is O(T), not O(T^2). Grouping equal-length segments into one batched call was measured
-  slower (0.62 s vs 0.34 s fwd+bwd for 4 x 1024 tokens; 1.2 s vs 0.09 s for 256 x 16), so we don't.
+- ``flash_attn`` / ``torch_varlen`` (CUDA, fp16/bf16): one FlashAttention varlen kernel for the whole
+  row, GQA native, sliding windows through ``window_size``: flash-attn's ``flash_attn_varlen_func``
+  when installed, else torch's built-in ``varlen_attn`` (no build step).
+- ``sdpa_loop`` (CPU, fp32 anywhere): an exact loop of causal ``scaled_dot_product_attention`` over
+  the segments. On 2 CPU cores it is 4-10x faster than sdpa with an explicit block-diagonal mask
+  (``benchmarks/bench_attention.py``; DESIGN.md section 3) and its memory is O(T), not O(T^2).
+  Grouping equal-length segments into one batched call was measured slower (0.62 s vs 0.34 s
+  fwd+bwd for 4 x 1024 tokens; 1.2 s vs 0.09 s for 256 x 16), so we don't.
 
 Registration (DESIGN.md section 3): ``AttentionInterface.register`` for the attention and
 ``AttentionMaskInterface.register`` for a mask function that builds no mask (it only refuses padding
 masks, which this attention could not honour). The model forward must carry the layout:
-``model.model(..., use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)``.
+``model.model(..., use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m,
+attention_backend=backend)`` (the backend is optional: without it, ``auto`` for the tensors at hand).
 """
 from __future__ import annotations
 
-from typing import Callable
+import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+
+from longtrain import attention_backends as backends
+from longtrain.attention_backends import AttentionBackend, auto_backend, check_fits
 
 ATTENTION_NAME = "longtrain"
 
@@ -33,22 +41,9 @@ ATTENTION_NAME = "longtrain"
 VarlenFn = Callable[..., torch.Tensor]
 
 
-def flash_varlen_fn() -> VarlenFn | None:
-    """flash-attn 2's varlen kernel when installed (an optional extra; imported lazily)."""
-    from transformers.utils import is_flash_attn_2_available
-
-    if not is_flash_attn_2_available():
-        return None
-    from flash_attn import flash_attn_varlen_func
-
-    return flash_attn_varlen_func
-
-
 def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
-    """Which kernel :func:`document_attention` uses for inputs on ``device`` of ``dtype`` (for logs)."""
-    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_varlen_fn():
-        return "flash_attn_varlen_func"
-    return "per-document causal sdpa loop"
+    """The backend ``auto`` picks for inputs on ``device`` of ``dtype`` (flash_attn | torch_varlen | sdpa_loop)."""
+    return backends.select_backend("auto", device, dtype).name
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -111,41 +106,71 @@ def _sdpa_documents(q, k, v, lengths: list[int], scaling: float, dropout: float,
     return out.transpose(1, 2).contiguous()
 
 
+_CHECKED_LAYOUT: Optional[tuple] = None  # (weakref to cu_seqlens, its version, T): checked already
+
+
+def check_packed_length(cu: torch.Tensor, total: int) -> None:
+    """``cu[0] == 0`` and ``cu[-1] == T``: the row is exactly the packed documents.
+
+    FlashAttention's varlen backward gives NaN gradients for tokens past ``cu_seq_q[-1]`` (DESIGN.md
+    section 3), so a shorter layout must fail loudly. Reading ``cu`` copies it to the host (a GPU sync):
+    every layer of a forward (and its recomputation) gets the same tensor, so it is read once per tensor.
+    """
+    global _CHECKED_LAYOUT
+    if cu.device.type == "meta":  # shape-only tensors carry no values
+        return
+    seen = _CHECKED_LAYOUT
+    if seen is not None and seen[0]() is cu and seen[1] == cu._version and seen[2] == total:
+        return
+    first, last = cu[[0, -1]].tolist()
+    if first != 0 or last != total:
+        raise ValueError(f"cu_seqlens must run from 0 to T={total} (the packed row's length), got {first} ... "
+                         f"{last}: a FlashAttention kernel would return NaN gradients for the tokens past the end")
+    _CHECKED_LAYOUT = (weakref.ref(cu), cu._version, total)
+
+
 def _varlen_documents(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scaling: float, dropout: float,
-                      sliding_window: int | None, varlen_fn: VarlenFn) -> torch.Tensor:
-    """flash-attn varlen layout around the kernel. q (1, H, T, D), k/v (1, Hkv, T, D) -> (1, T, H, D)."""
-    # (1, H, T, D) -> (T, H, D): flash-attn wants tokens first, heads second, a contiguous last dim.
+                      sliding_window: int | None, backend: str, varlen_fn: VarlenFn | None = None) -> torch.Tensor:
+    """The varlen kernels' layout around the kernel. q (1, H, T, D), k/v (1, Hkv, T, D) -> (1, T, H, D)."""
+    # (1, H, T, D) -> (T, H, D): FlashAttention wants tokens first, heads second, a contiguous last dim.
     q3, k3, v3 = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # flash-attn requires int32 on the device
-    extra = {}
-    if sliding_window is not None and max_seqlen > sliding_window:
-        # flash's window is inclusive on the left: (w - 1, 0) sees w tokens incl. itself, as transformers'
-        # `kv_idx > q_idx - sliding_window` (modeling_flash_attention_utils uses (w - 1, w - 1) + causal).
-        extra["window_size"] = (sliding_window - 1, 0)
-    out = varlen_fn(q3, k3, v3, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout, softmax_scale=scaling,
-                    causal=True, **extra)  # GQA: flash-attn takes Hkv < H natively
-    out = out[0] if isinstance(out, tuple) else out  # some versions return (out, lse, ...)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # the kernels require int32 on the device
+    check_packed_length(cu, q3.shape[0])
+    window = backends.window_size(sliding_window, max_seqlen)
+    if backend == "torch_varlen":
+        if dropout:
+            raise ValueError(f"attention backend torch_varlen has no attention dropout (got {dropout}); set the "
+                             "model config's attention_dropout to 0 or train.attention to sdpa_loop")
+        out = backends.torch_varlen(q3, k3, v3, cu, max_seqlen, scaling, window)  # GQA native
+    else:
+        out = backends.flash_attn(q3, k3, v3, cu, max_seqlen, scaling, window, dropout, varlen_fn)
     return out.unsqueeze(0)  # (1, T, H, D)
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                        max_seqlen: int, scaling: float | None = None, *, dropout: float = 0.0,
-                       sliding_window: int | None = None, varlen_fn: VarlenFn | None = None) -> torch.Tensor:
+                       sliding_window: int | None = None, varlen_fn: VarlenFn | None = None,
+                       backend: AttentionBackend | None = None) -> torch.Tensor:
     """Causal attention within each segment of a packed row.
 
     q (1, H, T, D), k/v (1, Hkv, T, D) with H a multiple of Hkv; ``cu_seqlens`` (n_segments + 1,) from
-    0 to T; ``max_seqlen`` the longest segment. Returns (1, T, H, D). ``varlen_fn`` overrides the
-    kernel (a function with ``flash_attn_varlen_func``'s signature; tests inject a CPU reference).
+    0 to T; ``max_seqlen`` the longest segment. Returns (1, T, H, D). ``backend``: the kernel chosen at
+    start-up (``longtrain.attention_backends.select_backend``); None picks ``auto`` for these tensors.
+    ``varlen_fn`` overrides the kernel (a function with ``flash_attn_varlen_func``'s signature; tests
+    inject a CPU reference).
     """
     _check_inputs(q, k, v, cu_seqlens)
     scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
     max_seqlen = int(max_seqlen)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
-    if varlen_fn is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        varlen_fn = flash_varlen_fn()
-    if varlen_fn is not None:  # no value checks of cu_seqlens here: they would sync the GPU in every layer
-        return _varlen_documents(q, k, v, cu_seqlens, max_seqlen, scaling, dropout, sliding_window, varlen_fn)
+    if varlen_fn is not None:
+        return _varlen_documents(q, k, v, cu_seqlens, max_seqlen, scaling, dropout, sliding_window, "flash_attn",
+                                 varlen_fn)
+    backend = backend if backend is not None else auto_backend(q)
+    check_fits(backend, q)
+    if backend.name != "sdpa_loop":
+        return _varlen_documents(q, k, v, cu_seqlens, max_seqlen, scaling, dropout, sliding_window, backend.name)
     lengths = _segment_lengths(cu_seqlens, q.shape[2], max_seqlen)
     return _sdpa_documents(q, k, v, lengths, scaling, dropout, sliding_window)
 
@@ -155,12 +180,13 @@ def longtrain_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query (1, H, T, D), key/value (1, Hkv, T, D) -> ((1, T, H, D), None).
 
-    Reads the document layout from ``cu_seq_lens_q`` / ``max_length_q`` (forwarded by the model from
-    its own kwargs) and refuses to run without it: it never silently attends across documents.
+    Reads the document layout from ``cu_seq_lens_q`` / ``max_length_q`` and the kernel from
+    ``attention_backend`` (forwarded by the model from its own kwargs) and refuses to run without a
+    layout: it never silently attends across documents.
     """
     cu, max_len = document_layout(module, attention_mask, kwargs, ATTENTION_NAME)
     out = document_attention(query, key, value, cu, max_len, scaling, dropout=dropout,
-                             sliding_window=kwargs.get("sliding_window"))
+                             sliding_window=kwargs.get("sliding_window"), backend=kwargs.get("attention_backend"))
     return out, None
 
 

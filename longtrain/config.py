@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from longtrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key (e.g. ``stages.1.rope.theta``)."""
 
 
@@ -27,6 +29,8 @@ SP_MODES = ("ulysses", "ring")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZER_IMPLS = ("auto", "torch", "fused", "cpu_adam")
+VERIFY_DATA = ("fast", "full", "off")  # dataset files vs meta.json: sizes / sizes + sha256 / not checked
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_loop")  # longtrain/attention_backends.py
 
 
 @dataclass
@@ -53,7 +57,8 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     impl: str = "auto"
-    """auto (DeepSpeedCPUAdam with offload, FusedAdam on CUDA, torch AdamW otherwise), torch, fused, cpu_adam."""
+    """auto (DeepSpeedCPUAdam with offload, else torch AdamW), torch (torch.optim.AdamW, ``fused=True`` on
+    CUDA: no JIT build), fused (DeepSpeed's FusedAdam, JIT-compiled on first use), cpu_adam."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -69,6 +74,9 @@ class OptimizerConfig:
 class TrainConfig:
     seed: int = 1234
     """Seed of the data order (per stage) and of any randomness in training."""
+    verify_data: str = "fast"
+    """Check every stage dataset's files against meta.json before the model loads: fast (sizes), full
+    (sizes and sha256: ~0.3-0.5 GB/s per rank, docs/data_prep.md), off."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     offload_optimizer: bool = False
@@ -99,11 +107,44 @@ class TrainConfig:
     """Write the dataset row ids each rank consumed per step to samples.rank{R}.jsonl (audits data order)."""
     stop_after_steps: int | None = None
     """Stop (with a checkpoint) after this many global steps of this invocation; for tests and demos."""
+    checkpoint_hashes: bool = True
+    """sha256 of every checkpoint file, recorded at save and checked before resume and export (sizes are
+    always recorded and checked). false: sizes only, for checkpoints so large that reading every file
+    back costs too much (README "Benchmarks": the cost measured)."""
+    max_nonfinite_steps: int = 3
+    """Stop with exit code 3 after this many consecutive steps whose loss or gradient norm is not finite
+    (DeepSpeed skips such updates; without ZeRO in fp32 it applies them). 0: never stop; every such step
+    is still counted and logged with its rows in metrics.jsonl. No checkpoint is saved while one is pending."""
+    loss_spike_factor: float | None = None
+    """Loss-spike check (Megatron's spiky-loss idea): a step whose loss exceeds this factor times the
+    median of the stage's last ``loss_spike_window`` finite losses is logged as a spike (e.g. 2.0; null: off)."""
+    loss_spike_window: int = 50
+    """Recent finite losses of the stage that the spike check takes the median of (at least 5 are needed)."""
+    stop_on_loss_spike: bool = False
+    """Stop with exit code 3 at a loss spike instead of only logging it (needs ``loss_spike_factor``)."""
+    # --- kernels and long rows on one device (docs/gpu.md, docs/training.md "Attention", "Very long rows")
+    attention: str = "auto"
+    """Attention kernel: auto (flash_attn, else torch_varlen, else sdpa_loop: the first that runs here),
+    flash_attn (flash-attn's varlen kernel), torch_varlen (torch's built-in FlashAttention, no build
+    step), sdpa_loop (the exact per-document path; CPU and fp32 always use it). Chosen once at start-up
+    and logged; a forced one that cannot run on this device / dtype / installation is an error."""
+    tiled_mlp: Any = 1
+    """Compute each decoder layer's MLP in N tiles along the sequence (DeepSpeed's TiledMLP: the MLP's
+    [T, intermediate] activations shrink N-fold; its forward runs again in backward): an integer N
+    (1: off) or auto (tiles of max(hidden_size, 4096) tokens)."""
+    offload_activations: bool = False
+    """Keep what the forward saves for backward in host memory (with activation checkpointing: the
+    layer inputs) and copy it back in backward; frees device memory at very long rows."""
 
     def __post_init__(self) -> None:
+        _check_choice("train.attention", self.attention, ATTENTION_BACKENDS)
+        if not (self.tiled_mlp == "auto" or (isinstance(self.tiled_mlp, int) and not isinstance(self.tiled_mlp, bool)
+                                             and self.tiled_mlp >= 1)):
+            raise ConfigError(f"train.tiled_mlp must be a positive integer (tiles) or auto, got {self.tiled_mlp!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.verify_data", self.verify_data, VERIFY_DATA)
         if self.offload_param and self.zero_stage != 3:
             raise ConfigError("train.offload_param needs train.zero_stage: 3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -115,6 +156,14 @@ class TrainConfig:
             raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 0")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
+            raise ConfigError(f"train.loss_spike_factor must be > 1 (or null), got {self.loss_spike_factor}")
+        if self.loss_spike_window < 5:
+            raise ConfigError(f"train.loss_spike_window must be >= 5, got {self.loss_spike_window}")
+        if self.stop_on_loss_spike and self.loss_spike_factor is None:
+            raise ConfigError("train.stop_on_loss_spike needs train.loss_spike_factor (e.g. 2.0)")
 
 
 @dataclass

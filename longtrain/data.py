@@ -7,34 +7,46 @@ exactly the rows the uninterrupted run would have read, none repeated, none skip
 """
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from data_prep.integrity import DamagedDatasetError, check_dataset_files, dataset_bytes, read_meta
 from data_prep.tokenizer import identity_mismatches
 from data_prep.writer import COLUMNS  # the dataset contract's columns (DESIGN.md section 2)
 from longtrain.config import ConfigError, StageConfig
 
 
 class PreparedDataset:
-    """A ``longtrain prepare`` output folder: ``meta.json`` + ``train/`` (+ ``validation/``)."""
+    """A ``longtrain prepare`` output folder: ``meta.json`` + ``train/`` (+ ``validation/``).
 
-    def __init__(self, path: str | Path, split: str = "train"):
+    Opening it checks the split's files against the sizes ``meta.json`` recorded (``verify="fast"``),
+    or their sha256 too (``"full"``), so a damaged file is named here instead of failing inside
+    ``datasets`` / pyarrow. ``integrity_note`` says when the dataset records nothing to check."""
+
+    def __init__(self, path: str | Path, split: str = "train", verify: str = "fast"):
         import datasets
 
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
+        if not (self.path / "meta.json").is_file():
             raise ConfigError(f"{self.path}: not a prepared dataset (no meta.json); "
                               "create one with `longtrain prepare`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.meta: dict[str, Any] = read_meta(self.path)
         split_path = self.path / split
         if not split_path.is_dir():
             raise ConfigError(f"{self.path}: has no {split!r} split")
-        table = datasets.load_from_disk(str(split_path))
+        self.integrity_note = None
+        if verify != "off":
+            self.integrity_note = check_dataset_files(self.path, verify == "full", [split], self.meta)
+        try:
+            table = datasets.load_from_disk(str(split_path))
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # what a damaged split raises
+            raise ConfigError(f"{split_path}: cannot be read, the dataset is damaged ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); prepare it again") from None
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
             raise ConfigError(f"{split_path}: missing column(s) {', '.join(missing)} "
@@ -86,6 +98,53 @@ def check_stage_dataset(dataset: PreparedDataset, stage: StageConfig, where: str
             f"{where}.data {dataset.path} was tokenized with {data_tok.get('path')}, but the model's tokenizer "
             f"is {tokenizer_identity.get('path')} ({mismatch}); prepare the data with the model's tokenizer "
             "or set model.tokenizer")
+
+
+def open_stage_datasets(stages: list[StageConfig], tokenizer_identity: dict[str, Any] | None,
+                        vocab_size: int, verify: str = "fast") -> list[PreparedDataset]:
+    """Every stage's dataset, each checked against its stage and the model (ConfigError naming the stage).
+    ``verify`` "full" hashes nothing again here: verify_stage_datasets did it before the model loaded."""
+    datasets = []
+    for i, stage in enumerate(stages):
+        dataset = PreparedDataset(stage.data, verify="off" if verify == "off" else "fast")
+        check_stage_dataset(dataset, stage, f"stages.{i}", tokenizer_identity, vocab_size)
+        datasets.append(dataset)
+    return datasets
+
+
+def verify_stage_datasets(stages: list[StageConfig], mode: str = "fast", log=print) -> None:
+    """Check every stage dataset's training files against its meta.json (``mode``: train.verify_data)
+    before any model is built, so a damaged file costs seconds, not a model load. Raises
+    DamagedDatasetError (a UserError) naming ``stages.N.data``, the folder and the file."""
+    if mode == "off":
+        return
+    checked: set[Path] = set()
+    for i, stage in enumerate(stages):
+        path = Path(stage.data)
+        if path in checked or not (path / "meta.json").is_file():  # a missing one: PreparedDataset says so
+            continue
+        checked.add(path)
+        start = time.monotonic()
+        try:
+            meta = read_meta(path)
+            note = check_dataset_files(path, mode == "full", ["train"], meta)
+        except DamagedDatasetError as exc:
+            raise DamagedDatasetError(f"stages.{i}.data: {exc}") from None
+        if note:
+            log(f"stages.{i}.data {path}: {note}")
+        elif mode == "full":
+            files, size = dataset_bytes(meta, ["train"])
+            log(f"stages.{i}.data {path}: {files} files ({size / 2**20:,.1f} MiB) match their sha256 in meta.json "
+                f"({time.monotonic() - start:.1f} s)")
+
+
+def datasets_tokenizer(datasets: list[PreparedDataset]) -> Path | None:
+    """The tokenizer a run without ``model.tokenizer`` adopts: the one every dataset was prepared with."""
+    hashes = {d.tokenizer.get("sha256") for d in datasets}
+    if len(hashes) > 1:
+        raise ConfigError("stages use datasets prepared with different tokenizers; set model.tokenizer")
+    path = datasets[0].tokenizer.get("path")
+    return Path(path) if path and Path(path).exists() else None
 
 
 @dataclass(frozen=True)

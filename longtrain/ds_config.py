@@ -15,13 +15,19 @@ from longtrain.config import RunConfig, deep_merge
 
 
 def optimizer_impl(cfg: RunConfig, on_cuda: bool) -> str:
-    """Which Adam implementation runs: DeepSpeedCPUAdam with offload, FusedAdam on CUDA, else torch."""
+    """Which Adam implementation runs: DeepSpeedCPUAdam with offload, else torch AdamW (fused on CUDA).
+
+    ``auto`` never picks DeepSpeed's FusedAdam: it is JIT-compiled on first use, and DeepSpeed 0.19.8's
+    op builder fails where ``TORCH_CUDA_ARCH_LIST`` holds a suffixed architecture such as ``9.0a``
+    (``invalid literal for int() with base 10: '0a'``, seen on an H200 image). torch's AdamW with
+    ``fused=True`` is one multi-tensor CUDA kernel as well and ships compiled with torch.
+    """
     impl = cfg.train.optimizer.impl
     if impl != "auto":
         return impl
     if cfg.train.offload_optimizer:
         return "cpu_adam"
-    return "fused" if on_cuda else "torch"
+    return "torch"
 
 
 def build_deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
@@ -45,6 +51,10 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, on_cuda: bool) -> di
                               "weight_decay": opt.weight_decay}
     if impl == "torch":
         params["torch_adam"] = True  # torch.optim.AdamW; no JIT-compiled op needed (CPU, ROCm, ...)
+        if on_cuda and not train.offload_optimizer:
+            # DeepSpeed 0.19.8 builds torch.optim.AdamW(params, **these params, foreach=None) for
+            # torch_adam (engine.get_optimizer_configuration), so fused=True reaches the optimizer.
+            params["fused"] = True
     elif impl == "fused":
         params["torch_adam"] = False
     # With offload and torch_adam unset, DeepSpeed picks DeepSpeedCPUAdam itself.

@@ -1,4 +1,5 @@
-"""Chunked cross-entropy: the sum of token losses without ever holding [T, vocab] logits for backward.
+"""Chunked cross-entropy: the sum of token losses without ever holding [T, vocab] logits for backward,
+and the logits -> cross-entropy step it shares with eval's per-position losses (``lm_cross_entropy``).
 
 At long lengths the logits dominate memory (DESIGN.md section 3: 10.8 GB -> 1.9 GB at 16k tokens
 with checkpointing + a tiled loss). Each chunk of ``chunk_size`` tokens computes its logits, upcasts
@@ -28,20 +29,41 @@ def default_chunk_tokens(vocab_size: int, logits_bytes: int = 64 * 2**20) -> int
     return 1 << (tokens.bit_length() - 1)
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """hidden (n, E), labels (n,) -> 0-d fp32 sum of CE over targets (0 when there are none, never NaN)."""
-    logits = lm_head(hidden).float()  # (n, V), upcast: bf16 log-softmax over a large vocab loses precision
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def logit_softcap(config) -> float | None:
+    """A model's final-logit soft-capping (Gemma-2: ``cap * tanh(logits / cap)``), ``None`` without
+    (Llama / Qwen2 / Mistral)."""
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def lm_cross_entropy(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, softcap: float | None = None,
+                     reduction: str = "sum") -> torch.Tensor:
+    """The one logits -> cross-entropy step of training and eval, for one chunk of positions.
+
+    hidden (..., E), labels (...) with IGNORE_INDEX for non-targets -> a 0-d fp32 sum over targets
+    (``reduction="sum"``, training; 0 when there are none, never NaN) or per-position fp32 losses shaped
+    like ``labels`` (``reduction="none"``, eval; 0 where ignored). Logits are upcast to fp32 before
+    the log-softmax (bf16 over a large vocabulary loses precision), then soft-capped when the model
+    caps them (Gemma-2's ``final_logit_softcapping``, applied by its own forward after ``lm_head``; in
+    fp32 here). Without soft-capping, training's ops are exactly those of a plain chunked CE.
+    """
+    logits = lm_head(hidden).float()  # (..., V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction=reduction)
+    return losses if reduction == "sum" else losses.view(labels.shape)
 
 
 def chunked_lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-                        chunk_size: int) -> torch.Tensor:
+                        chunk_size: int, softcap: float | None = None) -> torch.Tensor:
     """Sum over targets of token cross-entropy. hidden (1, T, E), labels (1, T) already shifted -> 0-d fp32.
 
     ``lm_head`` is called as a module (so ZeRO-3 gathers its weight), once per chunk on every rank even
     for chunks without targets: ranks must make the same number of calls (ZeRO-3 gathers are
     collective). A call without any target returns an exact 0 that still backpropagates (zero
-    gradients, no NaN), as DeepSpeed's backward needs a loss attached to the graph.
+    gradients, no NaN), as DeepSpeed's backward needs a loss attached to the graph. ``softcap``: the
+    model's ``logit_softcap(config)``; a Gemma-2-style model trains on its soft-capped logits, as its
+    own forward computes them (None for Llama / Qwen2 / Mistral: bitwise the plain chunked CE).
     """
     if hidden.ndim != 3 or labels.shape != hidden.shape[:-1]:
         raise ValueError(f"hidden must be (1, T, E) and labels (1, T), got {tuple(hidden.shape)} and "
@@ -56,7 +78,7 @@ def chunked_lm_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.
     flat_labels = labels.reshape(-1)  # (T,)
     total = None
     for start in range(0, flat_labels.shape[0], chunk_size):
-        part = checkpoint(_chunk_ce_sum, flat_hidden[start:start + chunk_size], flat_labels[start:start + chunk_size],
-                          lm_head, use_reentrant=False)
+        part = checkpoint(lm_cross_entropy, flat_hidden[start:start + chunk_size],
+                          lm_head, flat_labels[start:start + chunk_size], softcap, use_reentrant=False)
         total = part if total is None else total + part
     return total

@@ -11,9 +11,20 @@ from typing import Any
 
 import torch
 
-# Dense bf16 peak per device (FLOP/s) for the MFU estimate on known GPUs (vendor datasheets).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L40": 181e12,
-                  "4090": 165e12, "V100": 125e12}
+# Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s, for the MFU estimate (vendor datasheets;
+# V100 has no bf16: its fp16 peak). Matched against torch.cuda.get_device_name, longest name first, so
+# "H100 PCIe" wins over "H100" and "A100" over "A10" (gpu_peak_flops).
+GPU_PEAK_FLOPS = {"B200": 2250e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                  "H800": 989e12, "A100": 312e12, "A800": 312e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12,
+                  "L4": 121e12, "4090": 165e12, "V100": 125e12}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The table's dense bf16 peak for a device name such as ``NVIDIA H200``, or None when unknown."""
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return GPU_PEAK_FLOPS[key]
+    return None
 
 
 def training_flops(n_params: int, n_layers: int, attn_width: int, tokens: int, sum_sq_doc_lens: int) -> float:
@@ -46,10 +57,9 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> float:
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
+        known = gpu_peak_flops(torch.cuda.get_device_name(device))
+        if known:
+            return known
     return measure_matmul_peak(device)
 
 
@@ -59,6 +69,19 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_reserved_bytes(device: torch.device) -> int | None:
+    """Peak memory the CUDA caching allocator held (allocated + cached + fragmentation), None off CUDA:
+    what decides an out-of-memory, while ``peak_memory_bytes`` is what tensors used."""
+    return int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
+
+
+def current_cuda_device() -> torch.device | None:
+    """The CUDA device this process trains on, once CUDA is in use (None on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
 
 
 def format_duration(seconds: float) -> str:
@@ -91,6 +114,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         assert self._file is not None
+        cuda = current_cuda_device()
+        if cuda is not None and "peak_mem_gb" in record:  # peak_mem_gb is allocated; reserved decides OOMs
+            record.setdefault("peak_reserved_gb", peak_reserved_bytes(cuda) / 2**30)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:

@@ -2,13 +2,42 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
 
 from longtrain.config import ConfigError, ModelConfig
+from longtrain.rope import rotary_modules
 
 # Files that make a folder a tokenizer we can identify (DESIGN.md section 2: sha256 of the file).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def zero3_loading(cfg: ModelConfig, ds_config: dict[str, Any]) -> HfDeepSpeedConfig | None:
+    """Under ZeRO-3, let transformers load pretrained weights straight into partitions
+    (deepspeed.zero.Init), so no rank ever holds the full model. Keep the returned object alive for
+    the run: transformers holds only a weak reference to it."""
+    if ds_config["zero_optimization"]["stage"] == 3 and cfg.name_or_path is not None:
+        return HfDeepSpeedConfig(ds_config)
+    return None
+
+
+def load_model_config(cfg: ModelConfig):
+    """The model's HF config alone (``config.json`` of the folder, or built from ``model.config``): what
+    resolving stages and planning memory need, without loading any weight."""
+    if cfg.name_or_path is not None:
+        try:
+            return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {exc}") from None
+    fields = dict(cfg.config)
+    model_type = fields.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model.config: cannot build a {model_type!r} config: {exc}") from None
 
 
 def load_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -17,8 +46,6 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
     The trainer then selects our document-masked attention (``longtrain.attention``) in one
     explicit step; nothing here patches model code.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if cfg.name_or_path is not None:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -27,12 +54,7 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {exc}") from None
     else:
-        fields = dict(cfg.config)
-        model_type = fields.pop("model_type")
-        try:
-            hf_config = AutoConfig.for_model(model_type, **fields)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ConfigError(f"model.config: cannot build a {model_type!r} config: {exc}") from None
+        hf_config = load_model_config(cfg)
         hf_config._attn_implementation = "sdpa"
         # A fixed seed makes from-scratch initialisation identical on every rank and every run.
         with torch.random.fork_rng(devices=[]):
@@ -44,12 +66,13 @@ def load_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def check_model_supported(model: torch.nn.Module) -> None:
-    """longtrain extends RoPE models: the decoder must hold a rotary embedding module."""
-    decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "rotary_emb") or not hasattr(model, "lm_head"):
+    """longtrain extends RoPE models: the model must hold a rotary embedding module (found as
+    ``apply_rope`` finds it) and an LM head."""
+    if not rotary_modules(model, required=False) or not hasattr(model, "lm_head"):
         raise ConfigError(
-            f"model: {type(model).__name__} is not a supported RoPE causal LM (need model.model.rotary_emb "
-            "and model.lm_head; Llama, Qwen2 and Mistral families are supported)")
+            f"model: {type(model).__name__} is not a supported RoPE causal LM (need a rotary embedding module "
+            "with an inv_freq buffer, e.g. model.model.rotary_emb, and model.lm_head; Llama, Qwen2 and Mistral "
+            "families are supported)")
 
 
 def tokenizer_path(cfg: ModelConfig) -> Path | None:
@@ -64,6 +87,23 @@ def tokenizer_path(cfg: ModelConfig) -> Path | None:
             if (Path(cfg.name_or_path) / name).is_file():
                 return Path(cfg.name_or_path)
     return None
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether zero.Init loaded the model straight into ZeRO-3 partitions."""
+    return hasattr(model.get_input_embeddings().weight, "ds_numel")
+
+
+def embedding_rows(model: torch.nn.Module) -> int:
+    """The vocabulary the model's embedding holds (``ds_shape``: partitioned by zero.Init)."""
+    embed = model.get_input_embeddings().weight
+    return int(getattr(embed, "ds_shape", embed.shape)[0])
+
+
+def attention_width(config) -> int:
+    """``num_attention_heads * head_dim``: the attention FLOPs' width (longtrain.metrics.training_flops)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return head_dim * config.num_attention_heads
 
 
 def count_parameters(model: torch.nn.Module) -> int:

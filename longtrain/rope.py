@@ -123,15 +123,27 @@ def original_max_position_embeddings(config) -> int:
     return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
-def _rotary_modules(model: nn.Module) -> list[nn.Module]:
-    """The rotary embedding module(s) of a HF decoder (``model.model.rotary_emb`` for Llama/Qwen2/Mistral)."""
-    found = [m for m in model.modules() if hasattr(m, "original_inv_freq") and hasattr(m, "rope_type")]
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no rotary embedding module (a module with `inv_freq`, "
-                         "`original_inv_freq` and `rope_type`, as transformers' Llama/Qwen2/Mistral have)")
+def rotary_modules(model: nn.Module, required: bool = True) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every rotary embedding module of a HF model, the one finder that training,
+    export and eval use: a module holding its own ``inv_freq`` buffer and the ``config`` it was built
+    from (``model.model.rotary_emb`` in Llama / Qwen2 / Mistral). ``required=False`` returns ``[]`` for a
+    model without one (learned positions, or per-layer-type RoPE such as Gemma-3's
+    ``{layer_type}_inv_freq``), which eval can still score."""
+    found = [(name, m) for name, m in model.named_modules()
+             if "inv_freq" in dict(m.named_buffers(recurse=False)) and hasattr(m, "config")]
+    if required and not found:
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module (a module with an `inv_freq` "
+                         "buffer and its `config`, as transformers' Llama/Qwen2/Mistral have)")
+    return found
+
+
+def _settable_rotaries(model: nn.Module) -> list[nn.Module]:
+    """The rotary modules ``apply_rope`` can change: one RoPE type each, with ``original_inv_freq``."""
+    found = [m for _, m in rotary_modules(model)]
     for m in found:
-        if not isinstance(m.rope_type, str):
-            raise ValueError(f"{type(m).__name__} uses per-layer-type RoPE ({m.rope_type}); not supported")
+        if not isinstance(getattr(m, "rope_type", None), str) or not hasattr(m, "original_inv_freq"):
+            raise ValueError(f"{type(m).__name__} uses per-layer-type RoPE or lacks `original_inv_freq` "
+                             f"(rope_type {getattr(m, 'rope_type', None)!r}); not supported")
     return found
 
 
@@ -179,7 +191,7 @@ def apply_rope(model: nn.Module, rope_params: dict[str, Any], max_position_embed
         # transformers would fill it from max_position_embeddings, i.e. the *new* length: scaling by nothing.
         raise ValueError(f"rope_params for {rope_type} need original_max_position_embeddings (the pretraining "
                          "length); build them with rope_parameters(...)")
-    rotaries = _rotary_modules(model)
+    rotaries = _settable_rotaries(model)
     configs = {id(m.config): m.config for m in rotaries}
     if getattr(model, "config", None) is not None:  # the HF model's own config (same object in Llama/Qwen2/Mistral)
         configs[id(model.config)] = model.config
@@ -213,7 +225,7 @@ def apply_rope(model: nn.Module, rope_params: dict[str, Any], max_position_embed
 
 def describe_rope(model: nn.Module) -> str:
     """One line for logs: the RoPE setting and frequencies the model actually holds."""
-    module = _rotary_modules(model)[0]
+    module = rotary_modules(model)[0][1]
     inv = module.inv_freq
     params = ", ".join(f"{k}={f'[{len(v)} factors]' if isinstance(v, (list, tuple)) else v}"
                        for k, v in module.config.rope_parameters.items() if k != "rope_type")

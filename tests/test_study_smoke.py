@@ -1,60 +1,58 @@
-"""Plumbing of the long-context study (benchmarks/study_long_context.py), without training.
+"""Plumbing of the long-context study (the ``benchmarks.study`` package), without training.
 
-The study itself takes ~35 minutes; these checks take seconds: the corpus split holds documents
-out, every method's overrides make a valid run config with equal tokens per step, the training-free
-variants get exactly the frequencies a training stage would set, the report's position-range
-arithmetic and goal checks are right, and the dry run lists the whole pipeline.
+The study itself takes over two hours on 2 CPU cores; these checks take seconds: the corpus split
+holds documents out, every method's overrides make a valid run config with equal tokens per step,
+the training-free variants get exactly the frequencies a training stage would set, the report's
+position-range arithmetic and goal checks are right, the study's subprocesses get the tests'
+environment, and the dry run lists the whole pipeline.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from benchmarks.study import analysis, cli, corpus, recipe, report, runner, variants
+from longtrain.config import load_config
+from longtrain.eval.loading import load_eval_model
+from longtrain.rope import apply_rope, rope_parameters
 from tests.support import models
-from tests.support.paths import REPO_ROOT, SHARED_DATA, shared_file
-
-_spec = importlib.util.spec_from_file_location("study_long_context",
-                                               REPO_ROOT / "benchmarks" / "study_long_context.py")
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+from tests.support.env import child_env
+from tests.support.paths import SHARED_DATA, shared_file
 
 
 def test_corpus_split_holds_out_whole_documents(tmp_path):
-    shared_file("corpora", study.WIKITEXT)
-    manifest = study.build_corpus(tmp_path / "corpus", SHARED_DATA, quick=False)
+    shared_file("corpora", corpus.WIKITEXT)
+    manifest = corpus.build_corpus(tmp_path / "corpus", SHARED_DATA, quick=False)
     root = tmp_path / "corpus"
     code_train = {p.name for p in (root / "train" / "code").iterdir()}
     code_held = {p.name for p in (root / "heldout" / "code").iterdir()}
     assert len(code_held) >= 5 and len(code_train) >= 100, (len(code_held), len(code_train))
     assert not code_train & code_held
-    assert all(study.heldout_code(n) for n in code_held) and not any(study.heldout_code(n) for n in code_train)
+    assert all(corpus.heldout_code(n) for n in code_held) and not any(corpus.heldout_code(n) for n in code_train)
     train_lines = (root / "train" / "prose" / "wikitext_train.jsonl").read_text().splitlines()
     held_lines = (root / "heldout" / "prose" / "wikitext_heldout.jsonl").read_text().splitlines()
     assert (len(train_lines), len(held_lines)) == (48, 12)
     held_titles = {json.loads(x)["text"][:200] for x in held_lines}
     assert not held_titles & {json.loads(x)["text"][:200] for x in train_lines}
     assert sorted(manifest["code_heldout"]) == sorted(code_held)
-    assert {p.name for p in (root / "train" / "prose").iterdir()} >= set(study.TRAIN_BOOKS)
+    assert {p.name for p in (root / "train" / "prose").iterdir()} >= set(corpus.TRAIN_BOOKS)
 
 
 def test_every_method_is_a_valid_run_with_equal_tokens_per_step(tmp_path):
-    from longtrain.config import load_config
-    from longtrain.rope import rope_parameters
-
-    recipe, methods = study.load_study()
-    runs = study.plan_runs(methods, [0, 1], list(methods["arms"]))
+    _, methods = recipe.load_study()
+    runs = recipe.plan_runs(methods, [0, 1], list(methods["arms"]))
     assert {r["arm"] for r in runs} == {"x4", "x16"} and len(runs) >= 10
     steps = {"base": 4000, "extend": 400}
     tokens = set()
     for run in runs:
         arm = methods["arms"][run["arm"]]
-        overrides = study.method_overrides(arm, run["spec"], tmp_path / "data", run["seed"], steps)
-        cfg = load_config(study.STUDY_CONFIGS / "recipe.yaml", overrides)
+        overrides = recipe.method_overrides(arm, run["spec"], tmp_path / "data", run["seed"], steps)
+        cfg = load_config(recipe.RECIPE, overrides)
         base, ext = cfg.stages
         assert (base.seq_len, base.rope, base.steps) == (128, {"type": "default", "theta": 10000}, 4000)
         assert ext.rope == run["spec"]["rope"] and ext.steps == 400 and cfg.train.seed == run["seed"]
@@ -80,13 +78,8 @@ def _tiny_export(path: Path) -> Path:
 def test_training_free_variant_matches_a_training_stage(tmp_path, rope):
     """The edited config.json loads (eval refuses a rotary that differs from its config) with the
     frequencies longtrain.rope.apply_rope gives a training stage; dynamic NTK changes nothing up to L."""
-    from transformers import AutoModelForCausalLM
-
-    from longtrain.eval.loading import load_eval_model
-    from longtrain.rope import apply_rope, rope_parameters
-
     src = _tiny_export(tmp_path / "base")
-    dst = study.write_rope_variant(src, tmp_path / "variant", rope, 128)
+    dst = variants.write_rope_variant(src, tmp_path / "variant", rope, 128)
     config = json.loads((dst / "config.json").read_text())
     assert config["max_position_embeddings"] == 128 and config["rope_theta"] == rope["theta"]
     assert (config["rope_scaling"] is None) == (rope["type"] == "default")
@@ -110,15 +103,15 @@ def _entry(length: int, ppls: list[float], tokens: int = 10) -> dict:
 
 def test_range_ppl_and_model_numbers():
     entry = _entry(512, [40.0, 20.0, 20.0, 20.0] + [10.0] * 12)  # buckets of 32
-    assert study.range_ppl(entry, 0, 32) == pytest.approx(40.0)
-    assert study.range_ppl(entry, 32, 128) == pytest.approx(20.0)
-    assert study.range_ppl(entry, 0, 128) == pytest.approx(math.exp((math.log(40) + 3 * math.log(20)) / 4))
+    assert analysis.range_ppl(entry, 0, 32) == pytest.approx(40.0)
+    assert analysis.range_ppl(entry, 32, 128) == pytest.approx(20.0)
+    assert analysis.range_ppl(entry, 0, 128) == pytest.approx(math.exp((math.log(40) + 3 * math.log(20)) / 4))
     with pytest.raises(ValueError, match="straddles"):
-        study.range_ppl(entry, 16, 128)
+        analysis.range_ppl(entry, 16, 128)
     entry["buckets"][5]["ppl"] = None  # an empty bucket is skipped, not counted as zero
-    assert study.range_ppl(entry, 128, 512) == pytest.approx(10.0)
+    assert analysis.range_ppl(entry, 128, 512) == pytest.approx(10.0)
     model = {"perplexity": {"512": dict(entry, ppl=12.0), "128": {"ppl": 21.0}}}
-    nums = study.model_numbers(model, 512)
+    nums = analysis.model_numbers(model, 512)
     assert nums["ppl_L"] == 21.0 and nums["ppl_long"] == 12.0
     assert nums["ratio"] == pytest.approx(0.5)
 
@@ -126,7 +119,7 @@ def test_range_ppl_and_model_numbers():
 def _synthetic_results(runs: list[dict], methods: dict) -> dict:
     """Eval-shaped results where method m has perplexity (1 + k_m / 100) x a base curve."""
     results = {}
-    for kind in study.HELDOUT_SETS:
+    for kind in corpus.HELDOUT_SETS:
         results[f"curve_{kind}"] = {"models": [{"name": f"base@{s}", "perplexity": {"128": {"ppl": 30.0 - s}}}
                                                for s in (1, 2)]}
         for arm_name, arm in methods["arms"].items():
@@ -147,8 +140,8 @@ def _synthetic_results(runs: list[dict], methods: dict) -> dict:
 
 
 def test_report_tables_goals_and_plots(tmp_path):
-    recipe, methods = study.load_study()
-    runs = study.plan_runs(methods, [0, 1], list(methods["arms"]))
+    _, methods = recipe.load_study()
+    runs = recipe.plan_runs(methods, [0, 1], list(methods["arms"]))
     work = tmp_path / "work"
     (work / "corpus").mkdir(parents=True)
     (work / "corpus" / "manifest.json").write_text(json.dumps({"python": "3.x"}))
@@ -157,7 +150,7 @@ def test_report_tables_goals_and_plots(tmp_path):
         "".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 50)))
     docs = tmp_path / "docs"
     docs.mkdir()
-    out = study.report(work, methods, list(methods["arms"]), runs, _synthetic_results(runs, methods),
+    out = report.report(work, methods, list(methods["arms"]), runs, _synthetic_results(runs, methods),
                        {"base": 2, "extend": 1}, docs)
     checks = {(c["goal"][:12], c["method"]): c for c in out["checks"]["x4_code"]}
     assert checks[("ppl [128,512", "abf-1e6")]["met"]                  # 15 vs 20: beyond L is lower
@@ -174,15 +167,19 @@ def test_report_tables_goals_and_plots(tmp_path):
     # vs the mean of the 4x arm's control seeds (22 and 22 x 1.002)
     assert x16["pi-16"]["value"] == pytest.approx(1.05 / 1.001 - 1) and not x16["pi-16"]["met"]
     assert out["arms"]["x4"]["code"]["yarn-4"]["regression"][1] == pytest.approx(1.03 * (1.002 - 1 / 1.002) / 2)
-    report = (work / "report.md").read_text()
-    assert "| abf-1e6 |" in report and "regression" in report
+    text = (work / "report.md").read_text()
+    assert "| abf-1e6 |" in text and "regression" in text
     for name in ("study_base.png", "study_before.png", "study_after_x4.png", "study_x16.png"):
         size = (docs / name).stat().st_size
         assert 5_000 < size < 300_000, (name, size)
 
 
+def test_study_subprocesses_get_the_tests_environment(tmp_path):
+    assert runner.Runner(tmp_path, dry_run=True, threads=3).env == child_env(threads=3)
+
+
 def test_dry_run_lists_the_pipeline(tmp_path, capsys):
-    assert study.main(["--dry-run", "--work-dir", str(tmp_path / "w"), "--seeds", "0"]) == 0
+    assert cli.main(["--dry-run", "--work-dir", str(tmp_path / "w"), "--seeds", "0"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[study] ")]
     steps = [x.split(":")[0][8:] for x in lines]
     assert steps[:5] == ["tokenizer", "prepare 128", "prepare 512", "prepare 2048", "train base"]

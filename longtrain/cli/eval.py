@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from longtrain.errors import run_command
 
 EXAMPLE = """example:
   longtrain eval runs/base/export runs/long/export --names base long \\
@@ -19,7 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="exported HF folder, or a longtrain run / checkpoint folder")
     p.add_argument("--data", nargs="+", required=True,
-                   help="held-out text files, folders, JSONL ('text' field), or one prepared dataset folder")
+                   help="held-out documents, read as `longtrain prepare --input` reads them: .jsonl/.ndjson(.gz), "
+                        ".parquet or plain text files (one document per file), datasets folders (save_to_disk), "
+                        "folders (all files below them) or quoted globs such as 'src/**/*.py'; or one prepared "
+                        "dataset folder (with meta.json)")
+    p.add_argument("--text-field", default="text", help="JSONL field / column holding the text (default: text)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad documents (invalid JSON, missing field, non-UTF-8, empty, binary, too large) and "
+                        "count them in results.json, instead of stopping at the first")
     p.add_argument("--lengths", nargs="+", type=int, help="context lengths (default: max_position_embeddings)")
     p.add_argument("--out", default="eval_out", help="output folder (default: eval_out)")
     p.add_argument("--names", nargs="+", help="a display name per MODEL (default: folder names)")
@@ -29,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-lengths", nargs="+", type=int, help="default: --lengths")
     p.add_argument("--passkey-depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--passkey-trials", type=int, default=5, help="per length and depth; 0 skips passkey")
-    p.add_argument("--filler", help="text file for passkey filler (default: the --data documents)")
+    p.add_argument("--filler", help="an input (as --data) for passkey filler (default: the --data documents)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -42,22 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from longtrain.eval.loading import EvalLoadError
+    return run_command("longtrain eval", lambda: _eval(args))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    # Imported after parsing: torch and transformers take seconds to import.
     from longtrain.eval.report import markdown_table
     from longtrain.eval.runner import EvalConfig, run_eval
 
-    try:
-        cfg = EvalConfig(
-            lengths=args.lengths, stride=args.stride, bucket_size=args.bucket_size,
-            max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths,
-            passkey_depths=tuple(args.passkey_depths), passkey_trials=args.passkey_trials,
-            filler=args.filler, seed=args.seed, device=args.device, dtype=args.dtype,
-            attn_implementation=args.attn_implementation, batch_tokens=args.batch_tokens,
-            progress=not args.no_progress)
-        results = run_eval(args.models, args.data, args.out, cfg, names=args.names)
-    except (ValueError, EvalLoadError) as exc:
-        print(f"longtrain eval: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = EvalConfig(
+        lengths=args.lengths, stride=args.stride, bucket_size=args.bucket_size,
+        max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths,
+        passkey_depths=tuple(args.passkey_depths), passkey_trials=args.passkey_trials,
+        filler=args.filler, text_field=args.text_field, skip_bad=args.skip_bad, seed=args.seed,
+        device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+        batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    results = run_eval(args.models, args.data, args.out, cfg, names=args.names)
     print(markdown_table(results))
     for key, path in results["files"].items():
         print(f"{key}: {path}")

@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-EPILOG = """examples:
+import yaml
+
+from longtrain.config import load_config
+from longtrain.errors import run_command
+
+EPILOG = """exit codes: 0 done or stopped with a checkpoint, 2 bad input / config / damaged checkpoint / run folder
+in use / disk full, 3 diverged (non-finite or spiking loss; see train.max_nonfinite_steps)
+
+examples:
   longtrain train --config configs/tiny_cpu.yaml --run-dir runs/tiny
   longtrain train --config configs/tiny_cpu.yaml --run-dir runs/tiny --set stages.1.steps=200 --resume auto
   deepspeed --num_gpus 8 -m longtrain.cli train --config configs/qwen2_7b_4k_to_32k.yaml --run-dir runs/q
@@ -23,29 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="auto: latest complete checkpoint of --run-dir (fresh start if none); "
                              "or a checkpoint / run folder")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take over the run folder's lock (train.lock) from a run on another host that you know "
+                             "is gone; a live run on this host is never taken over")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from longtrain.config import ConfigError, load_config
+    return run_command("longtrain train", lambda: _train(args))
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"longtrain train: config error: {exc}", file=sys.stderr)
-        return 2
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from longtrain.checkpoint import CheckpointError
+    # Imported after the config is read: torch, deepspeed and transformers take seconds to import,
+    # and a config error should not wait for them.
     from longtrain.trainer import train
 
-    try:
-        return train(cfg, args.run_dir, args.resume)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"longtrain train: error: {exc}", file=sys.stderr)
-        return 2
+    return train(cfg, args.run_dir, args.resume, args.break_lock)

@@ -15,14 +15,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_prep.errors import DataPrepError
+from data_prep.tokenizer import Tokenizer
 from longtrain import checkpoint
-from longtrain.eval.tokenizer import EvalTokenizer, load_tokenizer
+from longtrain.eval.errors import EvalLoadError
 from longtrain.export.files import DTYPES
+from longtrain.rope import rotary_modules
 
 
+# What data prep's Tokenizer reads from a folder (tokenizer_config.json: the special tokens of a tokenizer.json).
+HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
-class EvalLoadError(ValueError):
-    """A MODEL argument could not be loaded; the message says which and what to do."""
+
 
 
 @dataclasses.dataclass
@@ -31,7 +35,7 @@ class EvalModel:
     path: str
     kind: str  # "hf" | "checkpoint"
     model: nn.Module  # a transformers *ForCausalLM in eval mode
-    tokenizer: EvalTokenizer
+    tokenizer: Tokenizer  # data prep's loader: the ids the training rows were encoded with
 
 
 def model_kind(path: str | Path) -> str:
@@ -70,15 +74,32 @@ def load_eval_model(path: str, name: str | None = None, device: str = "cpu", dty
         except OSError as exc:
             raise EvalLoadError(f"MODEL {path}: cannot load it as a HF causal LM ({exc})") from exc
         check_rotary_matches_config(model, path)
-        tokenizer_path = path
+        tokenizer_path = path if Path(path).exists() else _hub_tokenizer_folder(path)
     model = model.to(device).eval()
     reset_rotary_embeddings(model)
     return EvalModel(name or Path(path).name, str(path), kind, model, load_tokenizer(tokenizer_path))
 
 
-def _rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if "inv_freq" in dict(m.named_buffers(recurse=False)) and hasattr(m, "config")]
+def _hub_tokenizer_folder(name: str) -> Path:
+    """A Hub model's tokenizer files as a local folder (the cached snapshot when offline): data prep's
+    loader reads files, it does not know the Hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(HUB_TOKENIZER_FILES)))
+    except Exception as exc:  # offline and not cached, unknown repo, no network: all one user error
+        raise EvalLoadError(f"MODEL {name}: cannot fetch its tokenizer files from the Hub ({exc}); download the "
+                            f"model into a folder and pass that folder") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer at ``path`` (a tokenizer file or a folder holding one), loaded as data prep loads it
+    (``data_prep.tokenizer.Tokenizer``: a folder's ``tokenizer.json`` before its ``tokenizer.model``), so
+    eval encodes text into exactly the ids ``longtrain prepare`` and training use."""
+    try:
+        return Tokenizer(path)
+    except DataPrepError as exc:  # named as the MODEL argument whose tokenizer it is
+        raise EvalLoadError(f"MODEL {path}: {exc}") from None
 
 
 def _fresh_rotary(module: nn.Module, device: torch.device) -> nn.Module:
@@ -94,7 +115,7 @@ def _fresh_rotary(module: nn.Module, device: torch.device) -> nn.Module:
 def reset_rotary_embeddings(model: nn.Module) -> int:
     """Replace every rotary embedding module by a fresh one built from the config (as after
     ``from_pretrained``). Returns how many were replaced."""
-    found = _rotary_modules(model)
+    found = rotary_modules(model, required=False)  # a model without RoPE has nothing to reset
     for name, module in found:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -105,7 +126,7 @@ def reset_rotary_embeddings(model: nn.Module) -> int:
 def check_rotary_matches_config(model: nn.Module, path: str) -> None:
     """Refuse a model whose rotary frequencies are not what its config describes: eval rebuilds
     them from the config, which would silently change such a model."""
-    for name, module in _rotary_modules(model):
+    for name, module in rotary_modules(model, required=False):
         fresh = _fresh_rotary(module, module.inv_freq.device)
         rtol = 1e-3 if module.inv_freq.dtype == torch.float32 else 1e-2  # a bf16 copy is ~3 digits
         if not torch.allclose(module.inv_freq.float(), fresh.inv_freq.float(), rtol=rtol, atol=0):

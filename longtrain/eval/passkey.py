@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from longtrain.eval.tokenizer import EvalTokenizer
+from data_prep.tokenizer import Tokenizer
+from longtrain.eval.errors import EvalError
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -47,18 +48,18 @@ def make_key(rng: random.Random) -> str:
     return str(rng.randint(10000, 99999))
 
 
-def build_prompt(tokenizer: EvalTokenizer, filler: np.ndarray, prompt_len: int, depth: float,
+def build_prompt(tokenizer: Tokenizer, filler: np.ndarray, prompt_len: int, depth: float,
                  key: str, offset: int = 0) -> PasskeyPrompt:
     """A prompt of exactly ``prompt_len`` tokens with the needle at ``depth`` of the filler, which is
     taken from ``filler`` (a token stream, read cyclically) starting at ``offset``."""
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"passkey depth {depth}: must be between 0 and 1")
+        raise EvalError(f"passkey depth {depth}: must be between 0 and 1")
     prefix = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(INTRO)
     needle = tokenizer.encode(NEEDLE.format(key=key))
     question = tokenizer.encode(QUESTION)
     filler_len = prompt_len - len(prefix) - len(needle) - len(question)
     if filler_len < 0:
-        raise ValueError(f"passkey length: a prompt of {prompt_len} tokens cannot hold the "
+        raise EvalError(f"passkey length: a prompt of {prompt_len} tokens cannot hold the "
                          f"{prompt_len - filler_len} tokens of instructions; use longer --passkey-lengths")
     span = np.take(filler, np.arange(offset, offset + filler_len), mode="wrap").tolist()
     a = round(depth * filler_len)
@@ -73,7 +74,7 @@ def passkey_correct(generated: str, key: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, ids: list[int], max_new_tokens: int, tokenizer: EvalTokenizer) -> str:
+def greedy_decode(model: nn.Module, ids: list[int], max_new_tokens: int, tokenizer: Tokenizer) -> str:
     """Greedy continuation of ``ids``, stopped once a digit run is followed by another character.
 
     A plain KV-cache loop rather than ``generate``: it needs only the forward signature of a
@@ -86,29 +87,29 @@ def greedy_decode(model: nn.Module, ids: list[int], max_new_tokens: int, tokeniz
     while True:
         nxt = out.logits[:, -1].argmax(-1)  # (1,)
         generated.append(int(nxt))
-        text = tokenizer.decode(generated)
+        text = tokenizer.decode(generated, skip_special=True)  # an EOS after the key is no character
         if len(generated) >= max_new_tokens or re.search(r"\d\D", text):
             return text
         # transformers 5.24 names the KV cache `cache` (`past_key_values` is deprecated)
         out = model(input_ids=nxt[:, None], cache=out.cache, use_cache=True, logits_to_keep=1)
 
 
-def check_digits(tokenizer: EvalTokenizer) -> None:
+def check_digits(tokenizer: Tokenizer) -> None:
     key = "1234567890"
-    decoded = tokenizer.decode(tokenizer.encode(key)).strip()
+    decoded = tokenizer.decode(tokenizer.encode(key), skip_special=True).strip()
     if decoded != key:
-        raise ValueError(f"tokenizer {tokenizer.path} cannot represent digits ({key!r} decodes as "
+        raise EvalError(f"tokenizer {tokenizer.file} cannot represent digits ({key!r} decodes as "
                          f"{decoded!r}): passkey retrieval needs them; pass --passkey-trials 0")
 
 
-def check_passkey_setup(tokenizer: EvalTokenizer, lengths, max_new_tokens: int) -> None:
+def check_passkey_setup(tokenizer: Tokenizer, lengths, max_new_tokens: int) -> None:
     """Fail before any long computation if the tokenizer or the shortest length cannot work."""
     check_digits(tokenizer)
     for length in lengths:
         build_prompt(tokenizer, np.zeros(1, dtype=np.int64), length - max_new_tokens, 0.5, "12345")
 
 
-def evaluate_passkey(model: nn.Module, tokenizer: EvalTokenizer, filler: np.ndarray, length: int,
+def evaluate_passkey(model: nn.Module, tokenizer: Tokenizer, filler: np.ndarray, length: int,
                      depths=DEFAULT_DEPTHS, trials: int = 5, seed: int = 0, max_new_tokens: int = 8,
                      before_each=None, progress: bool = True, desc: str = "") -> list[dict]:
     """Accuracy at each depth for context ``length``. Keys and filler offsets depend only on

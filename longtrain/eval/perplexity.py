@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from longtrain.loss import lm_cross_entropy, logit_softcap
+from longtrain.eval.errors import EvalError
+
 
 LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits computed at once
 
@@ -43,9 +46,9 @@ class Window:
 def plan_windows(n_tokens: int, length: int, stride: int | None = None, doc: int = 0) -> list[Window]:
     """Windows of ``length`` tokens over a document of ``n_tokens`` (none when it is shorter)."""
     if length < 2:
-        raise ValueError(f"length {length}: need at least 2 tokens per window")
+        raise EvalError(f"length {length}: need at least 2 tokens per window")
     if stride is not None and not 1 <= stride <= length - 1:
-        raise ValueError(f"--stride {stride}: must be between 1 and length - 1 = {length - 1}")
+        raise EvalError(f"--stride {stride}: must be between 1 and length - 1 = {length - 1}")
     if n_tokens < length:
         return []
     step = length - 1 if stride is None else stride
@@ -63,22 +66,19 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_rows: int = 1024)
 
     Calls the decoder once and the LM head on ``chunk_rows`` positions (all rows of the batch) at a
     time. Own code instead of ``model(...).logits``: that returns all (B, L, vocab) logits at once.
-    longtrain.loss returns a sum for training; here we need every position's loss.
+    The logits -> loss step is training's (``longtrain.loss.lm_cross_entropy``, with the model's
+    soft-capping if any), per position instead of summed.
     """
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, E)
     lm_head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = logit_softcap(model.config)
     batch, length = input_ids.shape
     targets = input_ids[:, 1:]  # (B, L-1)
     out = torch.empty(batch, length - 1, dtype=torch.float32, device=input_ids.device)
     step = max(1, chunk_rows // batch)
     for s in range(0, length - 1, step):
         e = min(s + step, length - 1)
-        logits = lm_head(hidden[:, s:e]).float()  # (B, c, V)
-        if cap:  # Gemma-2 style soft-capping (absent in Llama / Qwen2 / Mistral)
-            logits = torch.tanh(logits / cap) * cap
-        nll = F.cross_entropy(logits.flatten(0, 1), targets[:, s:e].flatten(), reduction="none")
-        out[:, s:e] = nll.view(batch, e - s)
+        out[:, s:e] = lm_cross_entropy(hidden[:, s:e], lm_head, targets[:, s:e], cap, reduction="none")  # (B, c)
     return out
 
 
@@ -94,7 +94,7 @@ def check_chunked_loss(model: nn.Module, vocab_size: int, n: int = 16) -> None:
     # bf16 / fp16 matmuls of different shapes round differently: a looser bound there
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not torch.allclose(ours[0], ref, rtol=tol, atol=tol):
-        raise ValueError(f"{type(model).__name__}: its logits are not lm_head(hidden states); "
+        raise EvalError(f"{type(model).__name__}: its logits are not lm_head(hidden states); "
                          f"eval's chunked loss does not support this architecture")
 
 
@@ -156,7 +156,7 @@ def perplexity_at_length(model: nn.Module, docs: list[np.ndarray], length: int, 
     windows = [w for i, d in enumerate(docs) for w in plan_windows(len(d), length, stride, doc=i)]
     if not windows:
         longest = max((len(d) for d in docs), default=0)
-        raise ValueError(f"length {length}: no document has {length} tokens (longest: {longest}); "
+        raise EvalError(f"length {length}: no document has {length} tokens (longest: {longest}); "
                          f"use shorter --lengths or longer documents")
     windows = limit_windows(windows, length, max_tokens)
     bucket_size = bucket_size or max(1, length // 16)

@@ -15,6 +15,7 @@ from longtrain.eval.passkey import DEFAULT_DEPTHS, check_passkey_setup, evaluate
 from longtrain.eval.perplexity import check_chunked_loss, perplexity_at_length
 from longtrain.eval.plots import plot_passkey, plot_ppl_by_position
 from longtrain.eval.report import markdown_table, write_results
+from longtrain.eval.errors import EvalError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,11 @@ class EvalConfig:
     """0 skips passkey retrieval."""
     passkey_max_new_tokens: int = 8
     filler: str | None = None
-    """Text file whose tokens fill passkey prompts; None: the --data documents."""
+    """An input (as --data) whose tokens fill passkey prompts; None: the --data documents."""
+    text_field: str = "text"
+    """JSONL field / Parquet or datasets column holding the text (as `longtrain prepare --text-field`)."""
+    skip_bad: bool = False
+    """Skip and count bad documents instead of stopping at the first (as `longtrain prepare --skip-bad`)."""
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
@@ -48,21 +53,21 @@ class EvalConfig:
         for key in ("lengths", "passkey_lengths"):
             for v in getattr(self, key) or []:
                 if v < 2:
-                    raise ValueError(f"{key}: {v} is too short (at least 2 tokens)")
+                    raise EvalError(f"{key}: {v} is too short (at least 2 tokens)")
         for v in (self.stride, self.bucket_size, self.max_tokens):
             if v is not None and v < 1:
-                raise ValueError("stride, bucket_size and max_tokens must be >= 1")
+                raise EvalError("stride, bucket_size and max_tokens must be >= 1")
         if self.passkey_trials < 0:
-            raise ValueError("passkey_trials must be >= 0")
+            raise EvalError("passkey_trials must be >= 0")
         bad = [d for d in self.passkey_depths if not 0 <= d <= 1]
         if bad:
-            raise ValueError(f"passkey_depths {bad}: depths are fractions between 0 and 1")
+            raise EvalError(f"passkey_depths {bad}: depths are fractions between 0 and 1")
 
 
 def _unique_names(paths: list[str], names: list[str] | None) -> list[str]:
     if names is not None:
         if len(names) != len(paths):
-            raise ValueError(f"--names: {len(names)} names for {len(paths)} models")
+            raise EvalError(f"--names: {len(names)} names for {len(paths)} models")
         return names
     base = [Path(p.rstrip("/")).name or p for p in paths]
     return [b if base.count(b) == 1 else f"{b}#{i}" for i, b in enumerate(base)]
@@ -73,7 +78,7 @@ def _lengths_for(model: EvalModel, cfg: EvalConfig) -> list[int]:
         return list(cfg.lengths)
     trained = getattr(model.model.config, "max_position_embeddings", None)
     if not trained:
-        raise ValueError(f"{model.path}: no max_position_embeddings in config; pass --lengths")
+        raise EvalError(f"{model.path}: no max_position_embeddings in config; pass --lengths")
     return [int(trained)]
 
 
@@ -85,13 +90,13 @@ def evaluate_model(model: EvalModel, data: EvalData, cfg: EvalConfig, filler_dat
     longest = max((len(d) for d in docs), default=0)
     too_long = [L for L in lengths if L > longest]
     if too_long:  # say so before hours of evaluation at the other lengths
-        raise ValueError(f"--lengths {too_long}: no document has that many tokens with {model.name}'s "
+        raise EvalError(f"--lengths {too_long}: no document has that many tokens with {model.name}'s "
                          f"tokenizer (longest: {longest}); use shorter lengths or longer documents")
     passkey_lengths = cfg.passkey_lengths or lengths
     if cfg.passkey_trials:
         check_passkey_setup(model.tokenizer, passkey_lengths, cfg.passkey_max_new_tokens)
     entry = {"name": model.name, "path": model.path, "kind": model.kind,
-             "rope": rope_settings(model.model.config), "tokenizer": model.tokenizer.describe(),
+             "rope": rope_settings(model.model.config), "tokenizer": model.tokenizer.identity(),
              "parameters": sum(p.numel() for p in model.model.parameters()), "perplexity": {}}
     for length in lengths:
         reset_rotary_embeddings(model.model)  # DESIGN.md 3b trap b: no stale dynamic-NTK base
@@ -121,8 +126,8 @@ def run_eval(model_paths: list[str], data_paths: list[str], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_names(model_paths, names)
-    data = read_data(data_paths)
-    filler_data = read_data([cfg.filler]) if cfg.filler else None
+    data = read_data(data_paths, cfg.text_field, cfg.skip_bad)
+    filler_data = read_data([cfg.filler], cfg.text_field, cfg.skip_bad) if cfg.filler else None
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
     results = {"format": 1, "longtrain_version": longtrain.__version__, "settings": settings,
                "data": data.describe(), "models": []}

@@ -1,8 +1,10 @@
 """The export's errors: bad input (exit code 2 in the CLI) and a failed verification (exit code 1)."""
 from __future__ import annotations
 
+from longtrain.errors import UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError, ValueError):
     """A checkpoint or output that cannot be exported; the message says which path and what to do."""
 
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from data_prep.errors import DataPrepError
 from data_prep.tokenizer import Tokenizer as DataPrepTokenizer, read_special_tokens
 from longtrain.export.errors import ExportError
 
@@ -29,12 +30,13 @@ def tokenizer_source(tag_dir: Path, state: dict[str, Any]) -> Path | None:
     return None
 
 
-def _spm_specials(spm_file: Path) -> dict[str, str]:
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
-    names = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
-    return {name: sp.id_to_piece(i) for name, i in names.items() if i >= 0}
+def _load(path: Path) -> DataPrepTokenizer:
+    """The run's tokenizer as data prep loaded it to encode the training rows (one loader, one folder
+    preference: ``tokenizer.json`` before ``tokenizer.model``)."""
+    try:
+        return DataPrepTokenizer(path)
+    except DataPrepError as exc:
+        raise ExportError(f"tokenizer {path}: {exc}") from None
 
 
 def write_tokenizer(source: Path, out: Path, add_bos: bool, model_max_length: int) -> dict[str, Any]:
@@ -52,22 +54,25 @@ def write_tokenizer(source: Path, out: Path, add_bos: bool, model_max_length: in
     from transformers import AutoTokenizer
 
     spm_file = source / "tokenizer.model"
-    from_spm = not (source / "tokenizer.json").is_file()
-    if from_spm and not spm_file.is_file():
-        raise ExportError(f"tokenizer {source}: neither tokenizer.json nor tokenizer.model")
+    run_tokenizer = _load(source)
+    from_spm = run_tokenizer.kind == "sentencepiece"
     tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                                   "model_max_length": model_max_length}
     if from_spm:
         with tempfile.TemporaryDirectory() as tmp:  # only the .model: nothing else steers the conversion
             shutil.copy2(spm_file, Path(tmp) / "tokenizer.model")
             backend = AutoTokenizer.from_pretrained(tmp).backend_tokenizer
-        specials = _spm_specials(spm_file)
+        specials = run_tokenizer.special_tokens()
         if add_bos and "bos_token" in specials:
             bos = specials["bos_token"]
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
                 special_tokens=[(bos, backend.token_to_id(bos))])
         backend.save(str(out / "tokenizer.json"))
+        # SentencePiece encodes a special token's string inside a text (WikiText's "<unk>") as ordinary
+        # pieces, as the training rows hold it; a converted tokenizer.json would match it as the special
+        # token. `split_special_tokens` keeps it text in transformers and in data prep's loader alike.
+        tok_config["split_special_tokens"] = True
     else:
         shutil.copy2(source / "tokenizer.json", out / "tokenizer.json")
         backend = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -109,13 +114,13 @@ def check_tokenizer(out: Path, source: Path, texts: list[str], fast=None) -> Tok
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     fast = fast or PreTrainedTokenizerFast.from_pretrained(out)  # the caller's, when it loaded it already
-    ref = DataPrepTokenizer(source)  # the tokenizer the training rows were encoded with, loaded the same way
+    ref = _load(source)  # the tokenizer the training rows were encoded with, loaded the same way
     reference = str(source / "tokenizer.json") if ref.kind == "hf" else f"SentencePiece({source / 'tokenizer.model'})"
     ids = {"bos_token_id": ref.bos_id, "eos_token_id": ref.eos_id}
     compared, auto_differs = 0, False
     auto = AutoTokenizer.from_pretrained(out)
     for text in [TOKENIZER_CHECK_TEXT, *texts]:
-        want = ref.encode_batch([text], add_bos=False, add_eos=False)[0].tolist()
+        want = ref.encode(text)
         got = fast.encode(text, add_special_tokens=False)
         if want != got:
             first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))

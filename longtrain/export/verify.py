@@ -15,6 +15,7 @@ import torch
 from longtrain.export.consolidate import current_stage
 from longtrain.export.errors import VerificationError
 from longtrain.export.files import legacy_rope_keys
+from longtrain.rope import apply_rope, rotary_modules
 
 # Logits of the export loaded in its own dtype vs the fp32 checkpoint model, relative to the largest
 # |logit| of the reference (at least 1). bf16 keeps 8 significant bits, fp16 11, and the rounding
@@ -111,10 +112,6 @@ def _logits_diff(head, hidden, ref_head, ref_hidden, chunk: int = 64) -> tuple[f
     return diff, scale
 
 
-def _rotary(model):
-    return model.model.rotary_emb
-
-
 # Keys of the HF config that may differ between the checkpoint and the export by design.
 _CONFIG_KEYS_CHANGED = {"use_cache", "dtype", "torch_dtype", "architectures", "bos_token_id", "eos_token_id",
                         "pad_token_id", "transformers_version", "_name_or_path", "rope_theta", "rope_scaling",
@@ -132,8 +129,6 @@ def verify_export(out: Path, reference, dtype: torch.dtype, rope: tuple[dict[str
 
     from transformers import AutoModelForCausalLM
 
-    from longtrain.rope import apply_rope
-
     ref_hidden, ref_head = _hidden(reference, ids, positions), copy.deepcopy(reference.lm_head)  # fp32
     if dtype != torch.float32:
         reference.to(dtype)  # the same rounding as the written weights (Tensor.to, round to nearest even)
@@ -144,9 +139,10 @@ def verify_export(out: Path, reference, dtype: torch.dtype, rope: tuple[dict[str
     ref_state = reference.state_dict()
     weights_equal = all(name in ref_state and torch.equal(value, ref_state[name])
                         for name, value in loaded.state_dict().items())
-    ref_rot, got_rot = _rotary(reference), _rotary(loaded)
-    rope_equal = (got_rot.inv_freq.dtype == torch.float32 and torch.equal(got_rot.inv_freq, ref_rot.inv_freq)
-                  and got_rot.attention_scaling == ref_rot.attention_scaling)
+    ref_rots, got_rots = rotary_modules(reference), rotary_modules(loaded)
+    rope_equal = [n for n, _ in ref_rots] == [n for n, _ in got_rots] and all(
+        got.inv_freq.dtype == torch.float32 and torch.equal(got.inv_freq, ref.inv_freq)
+        and got.attention_scaling == ref.attention_scaling for (_, ref), (_, got) in zip(ref_rots, got_rots))
     want_cfg, got_cfg = reference.config.to_dict(), loaded.config.to_dict()
     config_diff = {k: (v, got_cfg.get(k)) for k, v in want_cfg.items()
                    if k not in _CONFIG_KEYS_CHANGED and not k.startswith("_") and got_cfg.get(k) != v}

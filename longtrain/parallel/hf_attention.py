@@ -42,7 +42,9 @@ def _ulysses_hf(module, query, key, value, attention_mask, scaling=None, dropout
 
     cu, max_len = _document_layout(module, attention_mask, dropout, kwargs, "longtrain_ulysses")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    local = functools.partial(document_attention, sliding_window=kwargs.get("sliding_window"))
+    # the start-up backend (longtrain.engine.loss_module) runs the local attention on the full row
+    local = functools.partial(document_attention, sliding_window=kwargs.get("sliding_window"),
+                              backend=kwargs.get("attention_backend"))
     return ulysses_attention(query, key, value, cu, max_len, state, scale, local), None
 
 
@@ -54,7 +56,8 @@ def _ring_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.
         raise ValueError(f"attention 'longtrain_ring' does not implement sliding windows (window {window} < "
                          f"longest document {max_len}); use mode 'ulysses' for this model")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return ring_attention(query, key, value, cu, state, scale), None
+    backend = kwargs.get("attention_backend")  # the start-up choice also picks the ring's block kernel
+    return ring_attention(query, key, value, cu, state, scale, backend=backend.name if backend else None), None
 
 
 def check_sp_for_model(config, sp_size: int, mode: str) -> None:

@@ -11,12 +11,18 @@ Layout (batch 1 is implicit): ``q (H, Lq, D)``, ``k``/``v`` ``(Hkv, Lk, D)`` wit
 (query head ``h`` uses kv head ``h // (H // Hkv)``, as transformers' ``repeat_kv``);
 ``out (H, Lq, D)`` in ``q.dtype``, ``lse (H, Lq)`` fp32, natural log.
 
-Backends, chosen by device and dtype:
+Kernels, chosen by device, dtype and the run's attention backend (``longtrain.attention_backends``,
+``train.attention``; the same choice as the single-device path):
 - CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward op): returns the
   lse and handles GQA itself. We never pass a mask, so no row is fully masked and the
   "lse 0 for a masked row" trap of DESIGN.md section 3 cannot occur.
-- CUDA fp16/bf16: flash-attn's varlen kernels (lazily imported, DESIGN.md: optional extra),
-  else torch's own CUDA flash kernel (GQA by repeating kv heads).
+- CUDA fp16/bf16, backend ``flash_attn``: flash-attn's varlen internals (lazily imported, DESIGN.md:
+  optional extra), GQA native.
+- CUDA fp16/bf16, backend ``torch_varlen``: torch's own FlashAttention-2 ops
+  ``aten._flash_attention_forward/_backward`` (no build step), GQA native. Not ``varlen_attn``: its
+  backward ignores the gradient of the lse it returns, and the ring needs a backward that takes the
+  *merged* out and lse instead (DESIGN.md section 3).
+- CUDA fp16/bf16, backend ``sdpa_loop``: ``aten._scaled_dot_product_flash_attention`` (kv heads repeated).
 - anything else (e.g. CUDA fp32): an exact math version, O(H * Lq * Lk) memory.
 """
 from __future__ import annotations
@@ -26,34 +32,61 @@ from typing import Optional
 
 import torch
 
+from longtrain.attention_backends import (aten_flash_block_backward, aten_flash_block_forward, auto_backend,
+                                         flash_varlen_fn, one_sequence_cu)
+
 Tensor = torch.Tensor
 
 
-def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of ``q`` over ``k``/``v``; returns ``(out (H, Lq, D), lse (H, Lq) fp32)``."""
+def block_kernel(q: Tensor, backend: Optional[str] = None) -> str:
+    """Which kernel ``block_forward``/``block_backward`` use for ``q``: cpu | flash_attn | torch_varlen | sdpa | math.
+
+    ``backend`` is the run's attention backend (flash_attn | torch_varlen | sdpa_loop; None: ``auto``
+    for these tensors)."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return "math"
+    if backend is None:
+        backend = auto_backend(q).name
+    if backend == "flash_attn" and _flash_attn() is None:
+        raise ValueError("attention backend flash_attn was chosen but flash-attn is not importable")
+    return {"flash_attn": "flash_attn", "torch_varlen": "torch_varlen"}.get(backend, "sdpa")
+
+
+def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                  kernel: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Attention of ``q`` over ``k``/``v``; returns ``(out (H, Lq, D), lse (H, Lq) fp32)``.
+    ``kernel``: from :func:`block_kernel` (default: its choice for ``q``)."""
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"a causal block needs Lq == Lk, got {q.shape[1]} and {k.shape[1]}")
-    if q.device.type == "cpu":
+    kernel = kernel or block_kernel(q)
+    if kernel == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[None], k[None], v[None], 0.0, causal, scale=scale)
         return out[0], lse[0]
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-        if _flash_attn() is not None:
-            return _flash_attn_forward(q, k, v, causal, scale)
+    if kernel == "flash_attn":
+        return _flash_attn_forward(q, k, v, causal, scale)
+    if kernel == "torch_varlen":
+        return aten_flash_block_forward(q, k, v, causal, scale)
+    if kernel == "sdpa":
         return _torch_cuda_forward(q, k, v, causal, scale)
     return math_forward(q, k, v, causal, scale)
 
 
 def block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                   causal: bool, scale: float, kernel: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq (H, Lq, D), dk (Hkv, Lk, D), dv)`` of a block given the final out/lse."""
-    if q.device.type == "cpu":
+    kernel = kernel or block_kernel(q)
+    if kernel == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout[None], q[None], k[None], v[None], out[None], lse[None], 0.0, causal, scale=scale)
         return dq[0], dk[0], dv[0]
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-        if _flash_attn() is not None:
-            return _flash_attn_backward(dout, q, k, v, out, lse, causal, scale)
+    if kernel == "flash_attn":
+        return _flash_attn_backward(dout, q, k, v, out, lse, causal, scale)
+    if kernel == "torch_varlen":
+        return aten_flash_block_backward(dout, q, k, v, out, lse, causal, scale)
+    if kernel == "sdpa":
         return _torch_cuda_backward(dout, q, k, v, out, lse, causal, scale)
     return math_backward(dout, q, k, v, out, lse, causal, scale)
 
@@ -102,14 +135,12 @@ def math_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: flash-attn varlen (one sequence per call), else torch's flash kernel
+# CUDA: flash-attn varlen (one sequence per call); torch's SDPA flash kernel (torch_varlen: attention_backends)
 
 @functools.lru_cache(maxsize=1)
 def _flash_attn():
     # The same availability test as the single-device path (transformers' check of the installed
     # version), so ring and document attention never disagree on whether flash-attn is usable.
-    from longtrain.attention import flash_varlen_fn
-
     if flash_varlen_fn() is None:  # optional extra: pip install longtrain[flash]
         return None
     from flash_attn import flash_attn_interface
@@ -117,11 +148,7 @@ def _flash_attn():
     return flash_attn_interface
 
 
-@functools.lru_cache(maxsize=64)
-def _cu(n: int, device) -> Tensor:
-    """cu_seqlens of one sequence of n tokens, built once per (n, device): a fresh host-to-device
-    copy in every block call would make the CPU wait for the GPU (the kernels only read it)."""
-    return torch.tensor([0, n], dtype=torch.int32, device=device)
+_cu = one_sequence_cu  # cu_seqlens [0, n] of one block, cached per (n, device)
 
 
 def _flash_attn_forward(q, k, v, causal, scale):

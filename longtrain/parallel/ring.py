@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .comm import RingExchange
-from .kernels import block_backward, block_forward
+from .kernels import block_backward, block_forward, block_kernel
 from .sharding import zigzag_chunks
 from .state import ParallelState
 
@@ -105,8 +105,9 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor, lo: i
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan, state: ParallelState, scale: float) -> Tensor:
-        # q (H, L, D); k, v (Hkv, L, D) -> out (H, L, D)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan, state: ParallelState, scale: float,
+                kernel: str) -> Tensor:
+        # q (H, L, D); k, v (Hkv, L, D) -> out (H, L, D); kernel: kernels.block_kernel's choice
         ring = _ring(state)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
@@ -115,13 +116,13 @@ class _RingAttention(torch.autograd.Function):
             pending = ring(0).start([kv]) if step < len(plan) - 1 else None
             for b in blocks:
                 o, l = block_forward(q[:, b.q_lo:b.q_hi], kv[0, :, b.k_lo:b.k_hi], kv[1, :, b.k_lo:b.k_hi],
-                                     b.causal, scale)
+                                     b.causal, scale, kernel)
                 _merge(out, lse, o, l, b.q_lo, b.q_hi)
             if pending is not None:
                 kv = pending.wait()[0]
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.state, ctx.scale = plan, state, scale
+        ctx.plan, ctx.state, ctx.scale, ctx.kernel = plan, state, scale, kernel
         return out
 
     @staticmethod
@@ -136,7 +137,7 @@ class _RingAttention(torch.autograd.Function):
             for b in blocks:
                 rows, cols = slice(b.q_lo, b.q_hi), slice(b.k_lo, b.k_hi)
                 g_q, g_k, g_v = block_backward(dout[:, rows], q[:, rows], kv[0, :, cols], kv[1, :, cols],
-                                               out[:, rows], lse[:, rows], b.causal, scale)
+                                               out[:, rows], lse[:, rows], b.causal, scale, ctx.kernel)
                 dq[:, rows] += g_q
                 dkv[0, :, cols] += g_k
                 dkv[1, :, cols] += g_v
@@ -146,7 +147,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending_kv.wait()[0]
             if pending_dkv is not None:
                 dkv = pending_dkv.wait()[0]
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def _ring(state: ParallelState):
@@ -156,11 +157,13 @@ def _ring(state: ParallelState):
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, state: ParallelState,
-                   scale: float) -> Tensor:
+                   scale: float, backend: str | None = None) -> Tensor:
     """Exact document-masked causal attention of this rank's zigzag slice.
 
     q: (1, H, L, D), k/v: (1, Hkv, L, D) with ``L = T / sp_size`` local tokens (zigzag order);
     ``cu_seqlens``: the *global* cumulative segment lengths (0 ... T). Returns (1, L, H, D).
+    ``backend``: the run's attention backend (flash_attn | torch_varlen | sdpa_loop), which picks the
+    block kernel (``kernels.block_kernel``); None: ``auto`` for these tensors.
     """
     if q.shape[0] != 1:
         raise ValueError(f"ring attention expects one packed row (batch 1), got batch {q.shape[0]}")
@@ -170,5 +173,5 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, state: P
         raise ValueError(f"cu_seqlens ends at {total} but {state.sp_size} ranks x {q.shape[2]} local tokens "
                          f"= {q.shape[2] * state.sp_size}: pass the global cu_seqlens of the sharded batch")
     plan = ring_plan(host_cu, state.sp_size, state.sp_rank)
-    out = _RingAttention.apply(q[0], k[0], v[0], plan, state, scale)  # (H, L, D)
+    out = _RingAttention.apply(q[0], k[0], v[0], plan, state, scale, block_kernel(q, backend))  # (H, L, D)
     return out.transpose(0, 1).unsqueeze(0)

@@ -42,7 +42,7 @@ def test_bad_jsonl_line_stops_with_file_and_line(capsys, tmp_path, tiny_tokenize
     line, words = BAD_LINES[reason]
     data = write_lines(tmp_path / "data.jsonl", [g.encode() for g in GOOD[:3]] + [line] + [GOOD[3].encode()])
     code, out, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--max-doc-bytes", "1000")
-    assert code == 1
+    assert code == 2
     assert f"data.jsonl:4: " in err and words in err and f"[{reason}]" in err, err
     assert "--skip-bad" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -78,18 +78,18 @@ def test_text_file_errors_name_file_and_line(capsys, tmp_path, tiny_tokenizer):
     (folder / "ok.py").write_text("print('ok')\n")
     (folder / "latin1.py").write_bytes(b"line one\nline two\nname = 'Andr\xe9'\n")
     code, _, err = run(capsys, tmp_path, [f"{folder}/*.py"], tiny_tokenizer)
-    assert code == 1 and "latin1.py:3: invalid UTF-8 byte" in err and "Re-encode the file as UTF-8" in err
+    assert code == 2 and "latin1.py:3: invalid UTF-8 byte" in err and "Re-encode the file as UTF-8" in err
     (folder / "latin1.py").unlink()
     (folder / "image.py").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     code, _, err = run(capsys, tmp_path, [folder], tiny_tokenizer)
-    assert code == 1 and "image.py: binary file" in err and "narrower glob" in err
+    assert code == 2 and "image.py: binary file" in err and "narrower glob" in err
     (folder / "image.py").unlink()
     (folder / "huge.py").write_text("x = 1  # " + "y" * 5000)  # a single huge line
     code, _, err = run(capsys, tmp_path, [folder], tiny_tokenizer, "--max-doc-bytes", "4096")
-    assert code == 1 and "huge.py: file of 5009 bytes exceeds --max-doc-bytes 4096" in err
+    assert code == 2 and "huge.py: file of 5009 bytes exceeds --max-doc-bytes 4096" in err
     (folder / "huge.py").write_text("")
     code, _, err = run(capsys, tmp_path, [folder], tiny_tokenizer)
-    assert code == 1 and "huge.py: empty document" in err
+    assert code == 2 and "huge.py: empty document" in err
 
 
 def test_huge_jsonl_line_is_never_read_whole(tmp_path):
@@ -111,7 +111,7 @@ def test_missing_input_is_an_error_even_with_skip_bad(capsys, tmp_path, tiny_tok
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.py").write_text("x = 1\n")
     code, _, err = run(capsys, tmp_path, [tmp_path / spec], tiny_tokenizer, "--skip-bad")
-    assert code == 1 and words in err and str(tmp_path / spec.split("/")[0]) in err and "Traceback" not in err
+    assert code == 2 and words in err and str(tmp_path / spec.split("/")[0]) in err and "Traceback" not in err
 
 
 def test_tokenizer_that_does_not_load(capsys, tmp_path, tiny_tokenizer):
@@ -119,17 +119,17 @@ def test_tokenizer_that_does_not_load(capsys, tmp_path, tiny_tokenizer):
     garbage = tmp_path / "broken.model"
     garbage.write_bytes(b"this is not a sentencepiece model")
     code, _, err = run(capsys, tmp_path, [data], garbage)
-    assert code == 1 and "could not load" in err and "broken.model" in err and "SentencePiece .model" in err
+    assert code == 2 and "could not load" in err and "broken.model" in err and "SentencePiece .model" in err
     bad_json = tmp_path / "tokenizer.json"
     bad_json.write_text("{}")
     code, _, err = run(capsys, tmp_path, [data], bad_json)
-    assert code == 1 and "could not load" in err and "tokenizer.json" in err
+    assert code == 2 and "could not load" in err and "tokenizer.json" in err
     code, _, err = run(capsys, tmp_path, [data], tmp_path / "nope.model")
-    assert code == 1 and "tokenizer not found" in err
+    assert code == 2 and "tokenizer not found" in err
     empty = tmp_path / "empty_dir"
     empty.mkdir()
     code, _, err = run(capsys, tmp_path, [data], empty)
-    assert code == 1 and "neither tokenizer.json nor tokenizer.model" in err
+    assert code == 2 and "neither tokenizer.json nor tokenizer.model" in err
 
 
 @pytest.mark.parametrize("extra,words", [
@@ -142,7 +142,7 @@ def test_tokenizer_that_does_not_load(capsys, tmp_path, tiny_tokenizer):
 def test_bad_options(capsys, tmp_path, tiny_tokenizer, extra, words):
     data = write_lines(tmp_path / "d.jsonl", [g.encode() for g in GOOD])
     code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, *extra)
-    assert code == 1 and words in err and "Traceback" not in err, err
+    assert code == 2 and words in err and "Traceback" not in err, err
 
 
 def test_usage_error_exit_code_2(capsys, tmp_path, tiny_tokenizer):
@@ -155,7 +155,40 @@ def test_existing_dataset_refused_unless_overwrite(capsys, tmp_path, tiny_tokeni
     assert run(capsys, tmp_path, [data], tiny_tokenizer)[0] == 0
     before = (tmp_path / "out" / "meta.json").read_text()
     code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--seq-len", "16")
-    assert code == 1 and "already holds a prepared dataset; pass --overwrite" in err
+    assert code == 2 and "already holds a prepared dataset; pass --overwrite" in err
     assert (tmp_path / "out" / "meta.json").read_text() == before
     code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--seq-len", "16", "--overwrite")
     assert code == 0 and json.loads((tmp_path / "out" / "meta.json").read_text())["seq_len"] == 16
+
+
+def test_a_weight_that_is_not_a_number_is_named(capsys, tmp_path, tiny_tokenizer):
+    data = write_lines(tmp_path / "d.jsonl", [g.encode() for g in GOOD])
+    code, _, err = run(capsys, tmp_path, [f"{data}:abc"], tiny_tokenizer)
+    assert code == 2 and f"--input {data}:abc: the weight 'abc' after the last ':' is not a number" in err, err
+    code, _, err = run(capsys, tmp_path, [f"{tmp_path}/*.jsonl:x2"], tiny_tokenizer)  # a glob with a bad weight
+    assert code == 2 and "the weight 'x2' after the last ':' is not a number" in err, err
+    code, _, err = run(capsys, tmp_path, [tmp_path / "missing.jsonl:abc"], tiny_tokenizer)
+    assert code == 2 and "no such file or folder (a weight after ':' must be a number)" in err, err
+
+
+def test_overwrite_replaces_only_a_dataset(capsys, tmp_path, tiny_tokenizer):
+    """--overwrite onto a dataset folder that also holds the user's files refuses, naming them, and
+    deletes nothing; a folder holding only a dataset is replaced."""
+    data = write_lines(tmp_path / "d.jsonl", [g.encode() for g in GOOD])
+    assert run(capsys, tmp_path, [data], tiny_tokenizer)[0] == 0
+    out = tmp_path / "out"
+    (out / "notes.md").write_text("my notes")
+    (out / "experiments").mkdir()
+    (out / "experiments" / "run1.log").write_text("log")
+    (out / "train" / "extra.bin").write_bytes(b"x")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--seq-len", "16", "--overwrite")
+    assert code == 2 and "--overwrite replaces only a prepared dataset" in err, err
+    assert "holds files prepare did not write: experiments/, notes.md, train/extra.bin;" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, "nothing deleted"
+    assert json.loads((out / "meta.json").read_text())["seq_len"] == 32
+    for extra in ("notes.md", "experiments/run1.log", "experiments", "train/extra.bin"):
+        path = out / extra
+        path.rmdir() if path.is_dir() else path.unlink()
+    code, _, err = run(capsys, tmp_path, [data], tiny_tokenizer, "--seq-len", "16", "--overwrite")
+    assert code == 0 and json.loads((out / "meta.json").read_text())["seq_len"] == 16, err

@@ -56,11 +56,11 @@ def test_inspect_shows_segments_and_targets(tmp_path, corpus, tiny_tokenizer, ca
     texts = [json.loads(line)["text"] for line in corpus["jsonl"].read_text().splitlines()]
     words = [w for t in texts for w in t.split()[:3]]
     assert sum(w in out for w in set(words)) > 5
-    assert inspect_main([str(tmp_path / "out"), "--row", "99999"]) == 1
+    assert inspect_main([str(tmp_path / "out"), "--row", "99999"]) == 2
     assert "--row 99999: the 'train' split has rows 0.." in capsys.readouterr().err
-    assert inspect_main([str(tmp_path / "out"), "--split", "validation"]) == 1
+    assert inspect_main([str(tmp_path / "out"), "--split", "validation"]) == 2
     assert "no split 'validation' (splits: train)" in capsys.readouterr().err
-    assert inspect_main([str(tmp_path)]) == 1 and "no meta.json" in capsys.readouterr().err
+    assert inspect_main([str(tmp_path)]) == 2 and "no meta.json" in capsys.readouterr().err
 
 
 def test_inspect_marks_slide_window_overlap(tmp_path, corpus, tiny_tokenizer, capsys):

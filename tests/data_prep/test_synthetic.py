@@ -139,4 +139,4 @@ def test_synthetic_input_cannot_train_a_tokenizer(tmp_path, corpus_dir):
 
     code = tokenizer_main(["--input", f"synthetic:copy?docs=3&source={corpus_dir}", "--vocab-size", "512",
                            "--out", str(tmp_path)])
-    assert code == 1
+    assert code == 2  # a UserError: one line, exit 2

@@ -84,15 +84,15 @@ def test_tokenizer_cli(tmp_path, corpus, capsys):
             "--out", str(out), "--max-chars", "50000"]
     assert tokenizer_main(argv) == 0
     assert "trained bpe vocab 350" in capsys.readouterr().out and (out / "tokenizer.model").is_file()
-    assert tokenizer_main(argv) == 1 and "pass --overwrite" in capsys.readouterr().err
-    assert tokenizer_main(argv + ["--overwrite", "--vocab-size", "100"]) == 1
+    assert tokenizer_main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert tokenizer_main(argv + ["--overwrite", "--vocab-size", "100"]) == 2
     assert "at least 300" in capsys.readouterr().err
-    assert tokenizer_main(argv + ["--overwrite", "--vocab-size", "60000"]) == 1
+    assert tokenizer_main(argv + ["--overwrite", "--vocab-size", "60000"]) == 2
     err = capsys.readouterr().err
     assert "SentencePiece training failed" in err and "lower --vocab-size" in err and "Traceback" not in err
     unicode = tmp_path / "unicode.txt"  # more distinct characters than a 300-piece vocabulary can hold
     unicode.write_text("".join(chr(c) for c in range(0x4E00, 0x4E00 + 400)) * 3)
-    assert tokenizer_main(["--input", str(unicode), "--vocab-size", "300", "--out", str(tmp_path / "u")]) == 1
+    assert tokenizer_main(["--input", str(unicode), "--vocab-size", "300", "--out", str(tmp_path / "u")]) == 2
     assert "raise --vocab-size" in capsys.readouterr().err
 
 

@@ -140,13 +140,13 @@ def test_bf16_fp32_grad_accumulation_only_with_zero():
 def test_stage_max_position_embeddings_keeps_the_original_length_for_dynamic_ntk():
     """transformers' dynamic NTK scales only beyond max_position_embeddings: a dynamic stage that set
     it to its own seq_len would train exactly like `default` (found by the long-context study)."""
-    from longtrain.trainer import Trainer
+    from longtrain.stages import stage_max_position_embeddings
 
     raw = base_raw()
     raw["stages"][1]["rope"] = {"type": "dynamic", "theta": 10000, "factor": 4}
     raw["stages"][0]["max_position_embeddings"] = 200
     cfg = config_from_dict(raw)
-    assert Trainer._max_position_embeddings(cfg.stages[1], original_max=128) == 128
-    assert Trainer._max_position_embeddings(cfg.stages[0], original_max=128) == 200  # explicit wins
+    assert stage_max_position_embeddings(cfg.stages[1], original_max=128) == 128
+    assert stage_max_position_embeddings(cfg.stages[0], original_max=128) == 200  # explicit wins
     raw["stages"][1]["rope"] = {"type": "default", "theta": 1e6}
-    assert Trainer._max_position_embeddings(config_from_dict(raw).stages[1], original_max=128) == 512
+    assert stage_max_position_embeddings(config_from_dict(raw).stages[1], original_max=128) == 512

@@ -88,7 +88,7 @@ def _step_loss(model, run_dir: Path, step: int) -> float:
     from longtrain.attention import register_attention
     from longtrain.batching import make_packed_batch
     from longtrain.data import PreparedDataset
-    from longtrain.trainer import CausalLMLoss
+    from longtrain.engine import CausalLMLoss
 
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
     record = next(r for r in runs.metrics(run_dir) if r["step"] == step)
@@ -234,7 +234,7 @@ def test_eval_loads_a_checkpoint_like_its_export(baseline_run, baseline_exports)
 
     from_ckpt = load_eval_model(str(baseline_run / "checkpoints" / "step_00000004"), dtype="fp32")
     from_export = load_eval_model(str(baseline_exports["step4"]), dtype="fp32")
-    assert from_ckpt.kind == "checkpoint" and from_ckpt.tokenizer.backend == "sentencepiece"
+    assert from_ckpt.kind == "checkpoint" and from_ckpt.tokenizer.kind == "sentencepiece"
     ids = torch.tensor([from_ckpt.tokenizer.encode("def main():\n    return 40712\n")])
     with torch.no_grad():
         assert torch.equal(from_ckpt.model(ids).logits, from_export.model(ids).logits)
@@ -345,6 +345,12 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, bas
     tag = run / "checkpoints" / "step_00000004"
     optim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:1000])
+    err = _cli_err(capsys, str(tag), str(tmp_path / "o2"))  # found by the manifest before anything is read
+    assert f"{tag}: damaged checkpoint: zero_pp_rank_0_mp_rank_00_optim_states.pt: 1000 bytes, " in err
+    # Written before manifests (COMPLETE without one): not verifiable, so DeepSpeed's own errors, named.
+    record = json.loads((tag / checkpoint.COMPLETE_FILE).read_text())
+    del record["manifest"]
+    (tag / checkpoint.COMPLETE_FILE).write_text(json.dumps(record))
     assert "DeepSpeed could not consolidate" in _cli_err(capsys, str(tag), str(tmp_path / "o2"))
     optim.unlink()
     assert "ZeRO-2 checkpoint without its *_optim_states.pt" in _cli_err(capsys, str(tag), str(tmp_path / "o2"))
@@ -370,8 +376,19 @@ def test_output_folder_rules(tmp_path, capsys, baseline_run):
     (out / "old.txt").write_text("previous export")
     assert "already exists; pass --overwrite" in _cli_err(capsys, tag, str(out))
     assert (out / "old.txt").is_file()
-    assert _cli(tag, str(out), "--overwrite", "--no-verify") == 0
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    # --overwrite replaces only an export: a folder with anything else is refused, naming what it holds.
+    (out / "notes").mkdir()
+    err = _cli_err(capsys, tag, str(out), "--overwrite", "--no-verify")
+    assert "replaces only a folder holding a longtrain export, and this one also holds notes/, old.txt" in err
+    assert (out / "old.txt").read_text() == "previous export" and (out / "notes").is_dir()
+    (out / "old.txt").unlink()
+    (out / "notes").rmdir()
+    assert _cli(tag, str(out), "--overwrite", "--no-verify") == 0  # an empty folder: nothing to lose
+    assert (out / "model.safetensors").is_file()
+    assert _cli(tag, str(out), "--overwrite", "--no-verify") == 0  # an export: replaced
+    (out / "README.md").write_text("# my own model\n")  # same file names, not written by longtrain export
+    assert "no model card written by `longtrain export`" in _cli_err(capsys, tag, str(out), "--overwrite")
+    assert (out / "README.md").read_text() == "# my own model\n"
     # Overwriting a folder that holds the checkpoint would delete it (a copy, in case the guard failed).
     shutil.copytree(baseline_run / "checkpoints" / "step_00000004", tmp_path / "run" / "checkpoints" / "step_00000004")
     assert "would delete the checkpoint" in _cli_err(capsys, str(tmp_path / "run"), str(tmp_path / "run"),
@@ -441,7 +458,6 @@ FORMATS = {
 def make_format_checkpoints(out: Path) -> None:
     """One engine per layout in FORMATS (every rank), one optimizer step on a packed batch of random
     rows, then the engine's own logits on a probe and a longtrain checkpoint (checkpoint.save)."""
-    import deepspeed
     import numpy as np
     import torch.distributed as dist
 
@@ -450,8 +466,9 @@ def make_format_checkpoints(out: Path) -> None:
     from longtrain.config import config_from_dict
     from longtrain.ds_config import build_deepspeed_config
     from longtrain.model import load_model
+    from longtrain.distributed import init_distributed
+    from longtrain.engine import CausalLMLoss, build_engine
     from longtrain.rope import apply_rope, rope_parameters
-    from longtrain.trainer import CausalLMLoss, init_distributed, param_groups
 
     init_distributed()
     rng = np.random.default_rng(dist.get_rank())
@@ -466,8 +483,7 @@ def make_format_checkpoints(out: Path) -> None:
                                 "train": train, "deepspeed": {"zero_force_ds_cpu_optimizer": False}})
         model = load_model(cfg.model)
         model.set_attn_implementation(register_attention())
-        engine, *_ = deepspeed.initialize(model=CausalLMLoss(model, 48), config=build_deepspeed_config(cfg, 2, False),
-                                          model_parameters=param_groups(model, 0.1))
+        engine = build_engine(CausalLMLoss(model, 48), build_deepspeed_config(cfg, 2, False), 0.1)
         params = rope_parameters(stage["rope"], original_max_position_embeddings=64)
         apply_rope(model, params, 64)  # after initialize, as the trainer does (bf16 cast inv_freq)
         loss = engine(batch.input_ids, batch.position_ids, batch.labels, batch.cu_seqlens, batch.max_seqlen)

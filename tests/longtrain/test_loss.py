@@ -242,3 +242,63 @@ def test_default_chunk_keeps_a_fixed_logits_budget():
     assert default_chunk_tokens(32000) == 512 and default_chunk_tokens(128256) == 128
     assert default_chunk_tokens(2048) == 8192 and default_chunk_tokens(512) == 32768
     assert default_chunk_tokens(152064) == 128 and default_chunk_tokens(10**7) == 128  # never below 128
+
+
+def test_without_softcap_the_loss_is_bitwise_the_plain_chunked_cross_entropy():
+    """Training losses stay bitwise what they were before eval shared this code (resume tests compare with ==)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def plain(h, lab, head):  # the chunk function training used before lm_cross_entropy
+        return F.cross_entropy(head(h).float(), lab, ignore_index=-100, reduction="sum")
+
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden, head, labels = _inputs(dtype)
+        ours = chunked_lm_loss_sum(hidden, head, labels, 16)
+        g_ours = torch.autograd.grad(ours, (hidden, head.weight))
+        flat_h, flat_l = hidden.reshape(-1, E), labels.reshape(-1)
+        ref = sum(checkpoint(plain, flat_h[s:s + 16], flat_l[s:s + 16], head, use_reentrant=False)
+                  for s in range(0, T, 16))
+        g_ref = torch.autograd.grad(ref, (hidden, head.weight))
+        assert torch.equal(ours, ref), dtype
+        assert all(torch.equal(a, b) for a, b in zip(g_ours, g_ref)), dtype
+
+
+def _gemma2(vocab: int = 300):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0,
+                          tie_word_embeddings=False)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)  # logits of a few units: beyond the cap, as in a trained model
+    return model
+
+
+def test_softcap_training_and_eval_match_the_models_own_logits():
+    """A Gemma-2-style model: training's sum and eval's per-position losses both equal the cross-entropy
+    of the logits its own forward computes (soft-capped), and each other."""
+    from longtrain.eval.perplexity import token_nll
+    from longtrain.loss import logit_softcap
+
+    model = _gemma2()
+    cap = logit_softcap(model.config)
+    from transformers import LlamaConfig
+
+    assert cap == 2.0 and logit_softcap(LlamaConfig()) is None
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, 1)
+    labels[0, -1] = -100
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # (1, 40, V), capped by Gemma-2 itself
+        ref = F.cross_entropy(logits[0], labels[0], ignore_index=-100, reduction="none")  # (40,)
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        assert logits.abs().max() <= cap < model.lm_head(hidden).abs().max()  # guard: the cap really bites
+        train = chunked_lm_loss_sum(hidden, model.lm_head, labels, 7, softcap=cap)
+        uncapped = chunked_lm_loss_sum(hidden, model.lm_head, labels, 7)
+        per_position = token_nll(model, ids, chunk_rows=8)  # (1, 39)
+    torch.testing.assert_close(per_position[0], ref[:-1], rtol=1e-5, atol=1e-5)
+    assert abs(train.item() - ref.sum().item()) <= 1e-5 * ref.sum().item()
+    assert abs(train.item() - per_position.sum().item()) <= 1e-5 * train.item()  # one function, two reductions
+    assert abs(uncapped.item() - train.item()) > 1e-2 * train.item()  # guard: the cap changes the loss (3%)

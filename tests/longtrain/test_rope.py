@@ -245,3 +245,52 @@ def test_apply_on_deepspeed_zero3_bf16_engine(tmp_path):
     assert result["freq_equal"]
     assert result["max_diff"] == 0.0
     assert result["trap_diff"] > 0.0  # positions ~3000 at base 1e6: bf16 frequencies change the output
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2"])
+def test_one_rotary_finder_for_training_export_and_eval(arch):
+    """`rotary_modules` is the only finder: apply_rope, describe_rope, the model check, export's
+    verification and eval's reset all see the same module."""
+    from longtrain.eval.loading import reset_rotary_embeddings
+    from longtrain.model import check_model_supported
+    from longtrain.rope import rotary_modules
+
+    model = _gemma2() if arch == "gemma2" else _build(arch)
+    assert rotary_modules(model) == [("model.rotary_emb", model.model.rotary_emb)]
+    check_model_supported(model)
+    apply_rope(model, {"rope_type": "default", "rope_theta": 5e5}, 128)
+    assert "rope default (rope_theta=500000.0)" in describe_rope(model)
+    assert reset_rotary_embeddings(model) == 1 and rotary_modules(model)[0][1] is model.model.rotary_emb
+
+
+def test_a_model_without_rope_is_named_or_left_alone():
+    """Training and export need a rotary module (errors say what is missing); eval scores any causal LM."""
+    from longtrain.config import ConfigError
+    from longtrain.eval.loading import check_rotary_matches_config, reset_rotary_embeddings
+    from longtrain.model import check_model_supported
+    from longtrain.rope import rotary_modules
+
+    model = _gpt2()  # learned absolute positions
+    assert rotary_modules(model, required=False) == []
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no rotary embedding module \(a module with an "
+                                         r"`inv_freq` buffer"):
+        rotary_modules(model)
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel is not a supported RoPE causal LM"):
+        check_model_supported(model)
+    with pytest.raises(ValueError, match="has no rotary embedding module"):
+        describe_rope(model)
+    assert reset_rotary_embeddings(model) == 0
+    check_rotary_matches_config(model, "gpt2")  # nothing to compare: no error

@@ -7,7 +7,7 @@ import pytest
 
 from longtrain.config import StageConfig
 from longtrain.data import StageOrder, StepLayout
-from longtrain.trainer import learning_rate, stage_steps
+from longtrain.stages import learning_rate, stage_steps
 
 
 def stage(**kw):

@@ -169,6 +169,24 @@ def test_dataset_that_does_not_fit_the_stage_is_refused(tmp_path, stdlib_tokeniz
     assert "stages.1.seq_len is 128" in proc.stderr and "--seq-len 128" in proc.stderr
 
 
+
+def test_bad_input_is_one_line_and_exit_2_on_every_rank(tmp_path, stdlib_datasets):
+    """A model.tokenizer folder without tokenizer files, 2 ranks under the README's launcher (deepspeed):
+    every rank exits 2, one error line for the job, no traceback."""
+    (tmp_path / "tok").mkdir()
+    config = runs.write_config(tmp_path / "run.yaml", runs.two_stage_recipe(stdlib_datasets),
+                               _model(tmp_path / "tok"))
+    cmd = ["bash", str(env.REPO_ROOT / "launch" / "train.sh"), str(config), str(tmp_path / "run"), "--nproc", "2",
+           "--master-port", str(env.free_port())]
+    proc = runs.run(cmd)
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if "longtrain train: error:" in line]
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert len(errors) == 1 and f"tokenizer folder {tmp_path / 'tok'} holds neither" in errors[0], errors
+    # the deepspeed launcher stops the job at the first rank's exit and reports its code
+    assert "exits with return code = 2" in out, out[-3000:]
+
+
 @pytest.fixture(scope="module")
 def pretrained_folder(tmp_path_factory, stdlib_tokenizer):
     """A Hugging Face folder (save_pretrained + tokenizer.model): what users continue training from."""
@@ -211,11 +229,11 @@ def test_continue_a_pretrained_folder_zero3_partitioned_load_matches_one_process
 
 def test_run_keeps_its_tokenizer_under_the_standard_name(tmp_path):
     """model.tokenizer may be any .json / SentencePiece file name; export and eval look for the standard ones."""
-    from longtrain.trainer import _copy_tokenizer
+    from longtrain.run_dir import copy_tokenizer
 
     for name, standard in (("my_tok.json", "tokenizer.json"), ("spm_32k.spm", "tokenizer.model")):
         source = tmp_path / name
         source.write_bytes(name.encode())
-        _copy_tokenizer(source, tmp_path / f"run_{standard}")
+        copy_tokenizer(source, tmp_path / f"run_{standard}")
         assert [p.name for p in (tmp_path / f"run_{standard}").iterdir()] == [standard]
         assert (tmp_path / f"run_{standard}" / standard).read_bytes() == name.encode()

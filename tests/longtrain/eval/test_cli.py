@@ -52,7 +52,7 @@ def test_errors_name_the_problem(tmp_path, capsys, trained_folder, book_text):
     cases = [
         ([str(not_a_model), "--data", str(short)], "without config.json"),
         ([str(trained_folder), "--data", str(short), "--lengths", "4096"], "--lengths [4096]: no document has that many tokens"),
-        ([str(trained_folder), "--data", str(tmp_path / "nope.txt")], "not found"),
+        ([str(trained_folder), "--data", str(tmp_path / "nope.txt")], "nope.txt: no such file or folder"),
         ([str(trained_folder), "--data", str(short), "--lengths", "64", "--passkey-lengths", "30"], "cannot hold"),
         ([str(trained_folder), "--data", str(short), "--names", "a", "b"], "--names: 2 names for 1 models"),
         ([str(trained_folder), "--data", str(short), "--passkey-depths", "1.5"], "between 0 and 1"),

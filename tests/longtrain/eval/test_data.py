@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from longtrain.eval.data import read_data, tokenize_documents
-from longtrain.eval.tokenizer import load_tokenizer
+from longtrain.eval.loading import load_tokenizer
 
 
 def test_text_folder_and_jsonl(tmp_path, stdlib_spm):
@@ -17,10 +17,14 @@ def test_text_folder_and_jsonl(tmp_path, stdlib_spm):
     (tmp_path / "sub" / "c.py").write_text("x = 1\n")
     (tmp_path / ".hidden.txt").write_text("ignored")
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01\xff")  # binary: skipped inside a folder
-    data = read_data([str(tmp_path)])
+    # As `longtrain prepare`: a binary file stops the read, naming it, unless --skip-bad (counted)
+    with pytest.raises(ValueError, match=r"blob.bin: binary file .*\[binary_file\].* --skip-bad"):
+        read_data([str(tmp_path)])
+    data = read_data([str(tmp_path)], skip_bad=True)
     assert data.texts == ["First document.", "Second.", "Third.", "x = 1\n"]
+    assert data.describe()["skipped"] == {"binary_file": 1}
     assert read_data([str(tmp_path / "**" / "*.py")]).texts == ["x = 1\n"]
-    with pytest.raises(ValueError, match="blob.bin: not UTF-8 text"):  # named explicitly: an error
+    with pytest.raises(ValueError, match="blob.bin: binary file"):  # named explicitly: an error
         read_data([str(tmp_path / "blob.bin")])
     tok = load_tokenizer(stdlib_spm)
     docs = tokenize_documents(data, tok)
@@ -31,7 +35,7 @@ def test_text_folder_and_jsonl(tmp_path, stdlib_spm):
 def test_bad_jsonl_line_is_named(tmp_path):
     bad = tmp_path / "x.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(ValueError, match=r"x.jsonl:2: expected a JSON object with a string 'text'"):
+    with pytest.raises(ValueError, match=r"x.jsonl:2: no field 'text' \(fields: body\) \[missing_text_field\]"):
         read_data([str(bad)])
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from longtrain.eval.passkey import NEEDLE, build_prompt, evaluate_passkey, passkey_correct
-from longtrain.eval.tokenizer import load_tokenizer
+from longtrain.eval.loading import load_tokenizer
 
 from tests.support.text import stdlib_text
 

@@ -4,7 +4,7 @@ gradient, through the real trainer and DeepSpeed, for each (sp_size, sp_mode, ze
     python sp_grad_probe.py CONFIG OUT_DIR SP:MODE:ZERO [SP:MODE:ZERO ...]
 
 Writes OUT_DIR/<sp>_<mode>_z<zero>.pt on rank 0: {"loss", "targets", "grads": {name: tensor}}.
-Gradients are read after the step's last backward (reduced, not yet applied) with DeepSpeed's
+Gradients are read after ``forward_backward`` (reduced, not yet applied) with DeepSpeed's
 ``safe_get_full_grad``, which gathers ZeRO-1/2/3 partitions (collective: every rank calls it).
 """
 from __future__ import annotations
@@ -23,12 +23,13 @@ from longtrain.trainer import Trainer
 def probe(config: str, out_dir: Path, sp: int, mode: str, zero: int) -> None:
     cfg = load_config(config, [f"stages.0.sp_size={sp}", f"stages.0.sp_mode={mode}", f"train.zero_stage={zero}"])
     trainer = Trainer(cfg, out_dir / f"run_{sp}_{mode}_z{zero}")
-    trainer._setup()
-    layout, order, total = trainer._begin_stage(0)
-    batches, _ = trainer._micro_batches(0, layout, order, 0)
-    out = trainer._train_step(0, batches, lr=1e-3, apply_update=False)
+    trainer.setup()
+    state = trainer.module.begin_stage(trainer.stages[0])
+    batches, _ = trainer.data[0].micro_batches(0)
+    stats = trainer.module.forward_backward(batches, count_docs=state.sp_rank == 0)  # reduced, not applied
+    out = {"loss": stats.loss, "targets": stats.targets}
     grads = {}
-    for name, param in trainer.engine.module.named_parameters():
+    for name, param in trainer.module.engine.module.named_parameters():
         grad = safe_get_full_grad(param)
         grads[name] = grad.detach().clone().cpu() if grad is not None else None
     if dist.get_rank() == 0:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.integrity import record_files
 from longtrain.batching import make_packed_batch
 from longtrain.data import PreparedDataset
 from longtrain.parallel import ParallelState, shard_batch
@@ -48,6 +49,7 @@ def _crafted_dataset(dest: Path, source: Path) -> Path:
     table.save_to_disk(str(dest / "train"))
     meta = json.loads((source / "meta.json").read_text())
     meta["seq_len"] = 128
+    meta["files"] = record_files(dest, ["train"])  # these files, not the source's (checked on open)
     (dest / "meta.json").write_text(json.dumps(meta))
     return dest
 
