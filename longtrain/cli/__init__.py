@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "tokenizer": ("data_prep.cli", "tokenizer_main", "train a SentencePiece tokenizer on a corpus"),
     "train": ("longtrain.cli.train", "main", "train with DeepSpeed through a staged RoPE schedule"),
     "export": ("longtrain.cli.export", "main", "export a checkpoint to a verified Hugging Face folder"),
-    "eval": ("longtrain.cli.eval", "main", "perplexity by position and passkey retrieval, with plots"),
+    "eval": ("longtrain.cli.eval", "main", "perplexity by position, passkey retrieval and context probes, with plots"),
 }
 
 

@@ -10,52 +10,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_prep.synthetic import KEY_WORDS
 from longtrain.eval.probes import copy_sequences, kv_prompt, kv_retrieval_accuracy, line_ids, repeat_copy_gain
-from tests.support.models import tiny_llama
+from tests.support.models import induction_llama, tiny_llama
 from tests.support.text import stdlib_text
-
-
-def induction_llama(vocab: int = 64, head_dim: int = 256, theta: float = 1e6) -> LlamaForCausalLM:
-    """A 2-layer HF Llama whose weights are set by hand to copy (Olsson et al. 2022's induction circuit).
-
-    Residual stream: one-hot token ``[0, V)``, previous token ``[V, 2V)``, copied token ``[2V, 3V)``,
-    a constant ``3V``. Layer 0's head attends to the previous position (queries and keys from the
-    constant dimension; the query is pre-rotated by one position, so RoPE's scores peak at offset 1)
-    and writes that token into the previous-token space. Layer 1's head matches the current token
-    (query) against each position's previous token (key) in RoPE's slowest pairs, where the rotation
-    hardly moves over a few hundred positions, and writes the token found there into the copied space,
-    which alone feeds the LM head. MLPs are zero; norms are 1.
-    """
-    V = vocab
-    tok, prev, out, const = 0, V, 2 * V, 3 * V
-    cfg = LlamaConfig(vocab_size=V, hidden_size=3 * V + 1, intermediate_size=4, num_hidden_layers=2,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=head_dim, max_position_embeddings=1024,
-                      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": theta})
-    model = LlamaForCausalLM(cfg)
-    half, ids = head_dim // 2, torch.arange(V)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (half,)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.zero_()
-        model.model.embed_tokens.weight[ids, tok + ids] = 1.0
-        model.model.embed_tokens.weight[:, const] = 1.0
-        a0, a1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
-        fast = torch.arange(16)  # transformers rotates dims (i, i + half) by position * inv_freq[i]
-        a0.k_proj.weight[fast, const] = 1.0
-        a0.q_proj.weight[fast, const] = 30.0 * torch.cos(inv_freq[fast])
-        a0.q_proj.weight[fast + half, const] = -30.0 * torch.sin(inv_freq[fast])
-        a0.v_proj.weight[ids, tok + ids] = 1.0
-        a0.o_proj.weight[prev + ids, ids] = 1.0
-        slow = half - V + ids
-        a1.q_proj.weight[slow, tok + ids] = 12.0
-        a1.k_proj.weight[slow, prev + ids] = 12.0
-        a1.v_proj.weight[ids, tok + ids] = 1.0
-        a1.o_proj.weight[out + ids, ids] = 1.0
-        model.lm_head.weight[ids, out + ids] = 3.0
-    return model.eval()
 
 
 class NGramRetriever(nn.Module):
@@ -147,3 +106,32 @@ def test_kv_accuracy_of_a_retriever_and_a_random_model(stdlib_tokenizer):
     assert kv_retrieval_accuracy(tiny_llama(vocab, max_pos=256), sp.encode, filler, **args) == random_model
     assert [(c["length"], c["depth"]) for c in oracle] == [(128, 0.0), (128, 1.0), (256, 0.0), (256, 1.0)]
     assert oracle[2]["mean_distance"] > oracle[0]["mean_distance"] > oracle[1]["mean_distance"]
+
+
+def test_eval_runs_the_probes_deterministically(tmp_path, stdlib_tokenizer):
+    """`longtrain eval`'s probes: the hand-set copier gains > 1 nat on held-out text at 0.75 L, a random
+    model ~0; the same --seed gives the same figures, another seed other passages; table and plot."""
+    from longtrain.eval.runner import EvalConfig, run_eval
+    from tests.support.models import save_hf
+
+    # `longtrain tokenizer`'s 512 pieces (its key lines tokenize as the retrieval probe needs)
+    copier = save_hf(induction_llama(vocab=512, head_dim=2048), stdlib_tokenizer, tmp_path / "copier")
+    rand = save_hf(tiny_llama(512, max_pos=256), stdlib_tokenizer, tmp_path / "random")
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(stdlib_text(40_000))
+    cfg = dict(lengths=[128], max_tokens=256, passkey_trials=0, copy_passages=8, kv_trials=2, kv_depths=(0.0, 1.0),
+               progress=False)
+    res = run_eval([str(copier), str(rand)], [str(held_out)], tmp_path / "a", EvalConfig(**cfg), ["copier", "random"])
+    copy, rand_copy = (m["copy"] for m in res["models"])
+    assert [c["distance"] for c in copy] == [96], "default distance: the one whose sequence fills L"
+    assert copy[0]["gain"] > 1.0 and copy[0]["gain_vs_control"] > 1.0, copy
+    assert abs(rand_copy[0]["gain"]) < 0.1 and abs(rand_copy[0]["gain_vs_control"]) < 0.1, rand_copy
+    assert all(set(m["kv"]["128"]) == {"0", "1"} and "kv_skipped" not in m for m in res["models"])
+    again = run_eval([str(copier), str(rand)], [str(held_out)], tmp_path / "b", EvalConfig(**cfg), ["copier", "random"])
+    for m, n in zip(res["models"], again["models"]):
+        assert (m["copy"], m["kv_details"]) == (n["copy"], n["kv_details"]), "same seed, same figures"
+    other = run_eval([str(rand)], [str(held_out)], tmp_path / "c", EvalConfig(**cfg, seed=1), ["random"])
+    assert other["models"][0]["copy"][0]["nll_first"] != rand_copy[0]["nll_first"], "another seed: other passages"
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "copy gain (d)" in summary and f"| {copy[0]['gain']:+.2f} (96) |" in summary
+    assert (tmp_path / "a" / "probes.png").read_bytes()[:4] == b"\x89PNG"
