@@ -195,7 +195,8 @@ class _Run:
         self.padding = _padding(tok)
         self.hist = LengthHistogram()
         self.documents_truncated = self.tokens_truncated = 0  # run-wide only (meta.json has no per-source field)
-        self.read_opts = ReadOptions(cfg.text_field, cfg.id_field, cfg.max_doc_bytes)
+        self.read_opts = ReadOptions(cfg.text_field, cfg.id_field, cfg.max_doc_bytes, tokenizer=tok,
+                                     doc_tokens=cfg.seq_len - self.n_special, seed=cfg.seed)
         self.tokens_seen = 0
         self.warnings: list[str] = []
 

@@ -10,7 +10,8 @@ Kinds, detected from the path:
   the kind is that of the name without the compression suffix, and they stream decompressed;
 - a folder, or a path with a glob (``DIR/**/*.py``): every matching file, each read by its own
   kind above; a plain folder means ``DIR/**/*``. Hidden files and folders (name starting with
-  ``.``) are left out and counted. Files are read in sorted order, so the output is deterministic.
+  ``.``) are left out and counted. Files are read in sorted order, so the output is deterministic;
+- ``synthetic:KIND?options``: generated long-dependency documents (``data_prep/synthetic.py``).
 
 Readers never raise on a bad document: they yield a :class:`RawDoc` carrying a
 :class:`BadDocument`, and the caller stops or skips (``--skip-bad``) and counts.
@@ -65,7 +66,7 @@ class Source:
 
     index: int
     spec: InputSpec
-    kind: str  # "jsonl", "parquet", "text" (one file), "datasets" (a save_to_disk folder), "glob"
+    kind: str  # "jsonl", "parquet", "text" (one file), "datasets" (a save_to_disk folder), "glob", "synthetic"
     files: list[Path]
     total_bytes: int
     hidden_ignored: int = 0
@@ -89,6 +90,10 @@ class ReadOptions:
     text_field: str = "text"
     id_field: str | None = None
     max_doc_bytes: int = 64 << 20
+    # Synthetic inputs only (set by prepare): documents are measured in the tokenizer's ids.
+    tokenizer: object | None = None  # data_prep.tokenizer.Tokenizer
+    doc_tokens: int | None = None    # --seq-len minus the BOS/EOS prepare adds
+    seed: int = 0
 
 
 def _split_glob(path: str) -> tuple[Path, str] | None:
@@ -107,6 +112,11 @@ def resolve_source(spec: InputSpec, index: int, option: str = "--input") -> Sour
     """Find the files of one input, or raise a :class:`DataPrepError` saying what is missing
     (``option``: the flag the path came from, as the messages name it)."""
     where = f"{option} {spec.path}"
+    if spec.path.startswith("synthetic:"):
+        from data_prep.synthetic import parse_spec  # here: synthetic imports this module (a cycle)
+
+        parsed = parse_spec(spec.path)  # errors name the option; the corpus is read when generating
+        return Source(index, spec, "synthetic", [], parsed.docs * 256)  # bytes: a rough figure for the ETA
     split = _split_glob(spec.path)
     p = Path(spec.path).expanduser()
     if split is None and p.is_file():
@@ -327,6 +337,11 @@ def _read_file(path: Path, opts: ReadOptions) -> Iterator[RawDoc]:
 def iter_documents(source: Source, opts: ReadOptions) -> Iterator[RawDoc]:
     """Every document of ``source`` in a fixed order (bad ones carry ``.bad``; blank JSONL lines
     come back with ``text=None`` and ``bad=None``)."""
+    if source.kind == "synthetic":
+        from data_prep.synthetic import iter_synthetic  # here: synthetic imports this module (a cycle)
+
+        yield from iter_synthetic(source.spec.path, opts)
+        return
     if source.kind == "datasets":
         yield from _read_datasets_folder(source.files[0], opts)
         return

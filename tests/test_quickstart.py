@@ -1,5 +1,6 @@
 """`bash launch/quickstart.sh --smoke`: the README's first command, end to end, in a shortened mode
-(a few steps per stage; the full run is the same script with more steps)."""
+(a few steps per stage; the full run is the same script with more steps): from the shipped base
+(launch/quickstart_base/, skipped until it is in the checkout) and ``--from-scratch``."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,12 @@ from tests.support.paths import REPO_ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
+BASE = REPO_ROOT / "launch" / "quickstart_base"
+
+
 def test_quickstart_smoke_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "qs"
-    proc = subprocess.run(["bash", "launch/quickstart.sh", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
+    proc = subprocess.run(["bash", "launch/quickstart.sh", "--smoke", "--from-scratch", "--out", str(out)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in (128, 256, 512):
@@ -43,3 +47,31 @@ def test_quickstart_smoke_runs_the_whole_pipeline(tmp_path):
             assert ppl["buckets"][-1]["end"] == int(length)
             # better than chance after 24 steps (uniform over the 2048-token vocabulary), and exp(NLL)
             assert 1 < ppl["ppl"] < 2048 and ppl["ppl"] == pytest.approx(math.exp(ppl["nll"]), rel=1e-12)
+
+
+
+def test_quickstart_smoke_from_the_shipped_base(tmp_path):
+    if not (BASE / "config.json").is_file():
+        pytest.skip(f"no pretrained base in this checkout ({BASE}): benchmarks/pretrain_base.py writes it")
+    out = tmp_path / "qs"
+    proc = subprocess.run(["bash", "launch/quickstart.sh", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13)), "interrupted and resumed, no step twice"
+    assert [(r["seq_len"], r["rope_theta"]) for r in records] == [(256, 1e5)] * 4 + [(512, 1e6)] * 8
+    cfg = json.loads((out / "export_extended_512" / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 512 and cfg["rope_parameters"]["rope_theta"] == 1e6
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["base-128@10k", "extended-512@1M"]
+    for model in results["models"]:
+        assert [c["distance"] for c in model["copy"]] == [96, 480], "0.75 L and 3.75 L"
+        assert set(model["kv"]) == {"128", "512"}
+    assert (out / "eval" / "probes.png").stat().st_size > 0
+    assert "copy gain (d)" in proc.stdout
+
+
+def test_quickstart_without_a_base_says_what_to_do(tmp_path):
+    proc = subprocess.run(["bash", "launch/quickstart.sh", "--base", str(tmp_path / "none"), "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--from-scratch" in proc.stderr and "pretrain_base.py" in proc.stderr

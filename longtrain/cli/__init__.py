@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "plan": ("longtrain.cli.plan", "main", "will every stage fit, and how long a step takes, before launching"),
     "train": ("longtrain.cli.train", "main", "train with DeepSpeed through a staged RoPE schedule"),
     "export": ("longtrain.cli.export", "main", "export a checkpoint to a verified Hugging Face folder"),
-    "eval": ("longtrain.cli.eval", "main", "perplexity by position and passkey retrieval, with plots"),
+    "eval": ("longtrain.cli.eval", "main", "perplexity by position, passkey retrieval and context probes, with plots"),
 }
 
 

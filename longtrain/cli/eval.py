@@ -1,4 +1,4 @@
-"""`longtrain eval`: perplexity by position and passkey retrieval for one or more models."""
+"""`longtrain eval`: perplexity by position, passkey retrieval and context probes for one or more models."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,8 @@ EXAMPLE = """example:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtrain eval", epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Perplexity by position and passkey retrieval, with plots "
+                                description="Perplexity by position, passkey retrieval, repeat-copy gain and "
+                                            "key-value retrieval, with plots "
                                             "(docs/evaluation.md).")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="exported HF folder, or a longtrain run / checkpoint folder")
@@ -38,7 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--passkey-trials", type=int, default=5, help="per length and depth; 0 skips passkey")
     p.add_argument("--filler", help="an input (as --data) for passkey filler (default: the --data documents)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy-distances", nargs="+", type=int,
+                   help="repeat-copy probe: start-to-start distances (default: each length minus --copy-passage)")
+    p.add_argument("--copy-passage", type=int, default=32, help="tokens per copied passage (default 32)")
+    p.add_argument("--copy-passages", type=int, default=32, help="passages per distance; 0 skips (default 32)")
+    p.add_argument("--kv-lengths", nargs="+", type=int, help="key-value retrieval prompt lengths (default: --lengths)")
+    p.add_argument("--kv-depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--kv-trials", type=int, default=10, help="prompts per length and depth; 0 skips (default 10)")
+    p.add_argument("--kv-keys", type=int, default=4, help="key lines per prompt, one asked (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="every probe's choices (passages, keys, places) follow it")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--attn-implementation", default="sdpa", help="transformers attention (default sdpa)")
@@ -62,7 +71,9 @@ def _eval(args: argparse.Namespace) -> int:
         lengths=args.lengths, stride=args.stride, bucket_size=args.bucket_size,
         max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths,
         passkey_depths=tuple(args.passkey_depths), passkey_trials=args.passkey_trials,
-        filler=args.filler, text_field=args.text_field, skip_bad=args.skip_bad, seed=args.seed,
+        filler=args.filler, copy_distances=args.copy_distances, copy_passage=args.copy_passage,
+        copy_passages=args.copy_passages, kv_lengths=args.kv_lengths, kv_depths=tuple(args.kv_depths),
+        kv_trials=args.kv_trials, kv_keys=args.kv_keys, text_field=args.text_field, skip_bad=args.skip_bad, seed=args.seed,
         device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
         batch_tokens=args.batch_tokens, progress=not args.no_progress)
     results = run_eval(args.models, args.data, args.out, cfg, names=args.names)

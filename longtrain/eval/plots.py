@@ -75,3 +75,42 @@ def plot_passkey(results: dict, path: str | Path) -> Path | None:
     fig.colorbar(image, ax=list(axes), label="passkey accuracy")
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def plot_probes(results: dict, path: str | Path) -> Path | None:
+    """Two panels, one line per model: repeat-copy gain by start-to-start distance, and key-value
+    retrieval accuracy by prompt length (mean over depths). A dotted line marks each model's
+    max_position_embeddings."""
+    models = [m for m in results["models"] if m.get("copy") or m.get("kv")]
+    if not models:
+        return None
+    fig = Figure(figsize=(10.4, 3.8), layout="constrained")
+    ax_copy, ax_kv = fig.subplots(1, 2)
+    for i, m in enumerate(models):
+        color = f"C{i % 10}"
+        trained = (m.get("rope") or {}).get("max_position_embeddings")
+        if m.get("copy"):
+            ax_copy.plot([c["distance"] for c in m["copy"]], [c["gain"] for c in m["copy"]], marker="o",
+                         color=color, label=m["name"])
+        if m.get("kv"):
+            lengths = sorted(int(k) for k in m["kv"])
+            acc = [sum(m["kv"][str(L)].values()) / len(m["kv"][str(L)]) for L in lengths]
+            ax_kv.plot(lengths, acc, marker="o", color=color, label=m["name"])
+        for ax in (ax_copy, ax_kv):
+            if trained:
+                ax.axvline(trained, color=color, ls=":", lw=1)
+    ax_copy.axhline(0, color="grey", lw=0.8)
+    ax_copy.set_xlabel("start-to-start distance (tokens)")
+    ax_copy.set_ylabel("copy gain (nats/token)")
+    ax_copy.set_title("repeat-copy gain")
+    ax_kv.set_ylim(-0.05, 1.05)
+    ax_kv.set_xlabel("prompt length (tokens)")
+    ax_kv.set_ylabel("accuracy (mean over depths)")
+    ax_kv.set_title("key-value retrieval")
+    for ax in (ax_copy, ax_kv):
+        ax.grid(True, alpha=0.3)
+        if ax.lines and any(not str(line.get_label()).startswith("_") for line in ax.lines):
+            ax.legend(fontsize=8)
+    fig.suptitle("Context probes (dotted: max_position_embeddings)")
+    fig.savefig(path, dpi=110)
+    return Path(path)

@@ -1,4 +1,5 @@
-"""Evaluate several models side by side: perplexity by position and passkey retrieval."""
+"""Evaluate several models side by side: perplexity by position, passkey retrieval and the context
+probes (repeat-copy gain by distance, key-value retrieval by length and depth)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,8 @@ from longtrain.eval.data import EvalData, filler_tokens, read_data, tokenize_doc
 from longtrain.eval.loading import EvalModel, load_eval_model, reset_rotary_embeddings, rope_settings
 from longtrain.eval.passkey import DEFAULT_DEPTHS, check_passkey_setup, evaluate_passkey
 from longtrain.eval.perplexity import check_chunked_loss, perplexity_at_length
-from longtrain.eval.plots import plot_passkey, plot_ppl_by_position
+from longtrain.eval.plots import plot_passkey, plot_ppl_by_position, plot_probes
+from longtrain.eval.probes import kv_retrieval_accuracy, repeat_copy_gain
 from longtrain.eval.report import markdown_table, write_results
 from longtrain.eval.errors import EvalError
 
@@ -42,6 +44,20 @@ class EvalConfig:
     """JSONL field / Parquet or datasets column holding the text (as `longtrain prepare --text-field`)."""
     skip_bad: bool = False
     """Skip and count bad documents instead of stopping at the first (as `longtrain prepare --skip-bad`)."""
+    copy_distances: list[int] | None = None
+    """Start-to-start distances of the repeat-copy probe; None: ``length - copy_passage`` for each
+    perplexity length (the sequence then fills that length: 96 and 480 for 128 and 512 at P = 32)."""
+    copy_passage: int = 32
+    """Tokens per copied passage."""
+    copy_passages: int = 32
+    """Passages (sequences) per distance; 0 skips the copy probe."""
+    kv_lengths: list[int] | None = None
+    """Prompt lengths of the key-value retrieval probe; None: the perplexity lengths."""
+    kv_depths: tuple[float, ...] = DEFAULT_DEPTHS
+    kv_trials: int = 10
+    """Prompts per length and depth; 0 skips the retrieval probe."""
+    kv_keys: int = 4
+    """Key lines per prompt (one asked, the others distractors)."""
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
@@ -57,11 +73,19 @@ class EvalConfig:
         for v in (self.stride, self.bucket_size, self.max_tokens):
             if v is not None and v < 1:
                 raise EvalError("stride, bucket_size and max_tokens must be >= 1")
-        if self.passkey_trials < 0:
-            raise EvalError("passkey_trials must be >= 0")
-        bad = [d for d in self.passkey_depths if not 0 <= d <= 1]
-        if bad:
-            raise EvalError(f"passkey_depths {bad}: depths are fractions between 0 and 1")
+        for key in ("passkey_trials", "copy_passages", "kv_trials"):
+            if getattr(self, key) < 0:
+                raise EvalError(f"{key} must be >= 0")
+        if self.copy_passage < 2 or self.kv_keys < 1:
+            raise EvalError("copy_passage must be >= 2 tokens and kv_keys >= 1")
+        for key in ("passkey_depths", "kv_depths"):
+            bad = [d for d in getattr(self, key) if not 0 <= d <= 1]
+            if bad:
+                raise EvalError(f"{key} {bad}: depths are fractions between 0 and 1")
+        short = [d for d in self.copy_distances or [] if d < self.copy_passage]
+        if short:
+            raise EvalError(f"copy_distances {short}: shorter than copy_passage ({self.copy_passage} tokens); the "
+                            "distance is start-to-start, so the copies would overlap")
 
 
 def _unique_names(paths: list[str], names: list[str] | None) -> list[str]:
@@ -117,7 +141,46 @@ def evaluate_model(model: EvalModel, data: EvalData, cfg: EvalConfig, filler_dat
         for c in cells:
             entry["passkey"].setdefault(str(c["length"]), {})[f"{c['depth']:g}"] = c["accuracy"]
         entry["passkey_details"] = cells
+    entry.update(_probes(model, docs, lengths, cfg))
     return entry
+
+
+def _probes(model: EvalModel, docs, lengths: list[int], cfg: EvalConfig) -> dict:
+    """The context probes (longtrain/eval/probes.py) on the held-out documents: ``copy`` (one dict per
+    distance) and ``kv`` (``{length: {depth: accuracy}}``, with ``kv_details``)."""
+    if not (cfg.copy_passages or cfg.kv_trials):
+        return {}
+    stream = filler_tokens(docs, model.tokenizer)  # held-out text, BOS removed: passages and filler
+    reset = lambda: reset_rotary_embeddings(model.model)  # noqa: E731  (a fresh RoPE state per forward)
+    batch = max(1, cfg.batch_tokens // max(lengths + list(cfg.kv_lengths or [])))
+    out = {}
+    if cfg.copy_passages:
+        distances = cfg.copy_distances or [L - cfg.copy_passage for L in lengths if L > cfg.copy_passage]
+        log.info("%s: repeat-copy gain at distances %s", model.name, distances)
+        try:
+            out["copy"] = repeat_copy_gain(model.model, stream, distances, cfg.copy_passage, cfg.copy_passages,
+                                           cfg.seed, batch, before_each=reset)
+        except ValueError as exc:  # held-out text too short for the spans
+            raise EvalError(f"{model.name}: repeat-copy probe: {exc} (--copy-passages 0 skips it)") from None
+    if cfg.kv_trials:
+        bos = [model.tokenizer.bos_id] if model.tokenizer.bos_id is not None else []
+        kv_lengths = cfg.kv_lengths or lengths
+        log.info("%s: key-value retrieval at lengths %s", model.name, kv_lengths)
+        try:
+            cells = kv_retrieval_accuracy(model.model, model.tokenizer.encode, stream, kv_lengths, cfg.kv_depths,
+                                          cfg.kv_trials, cfg.kv_keys, seed=cfg.seed, prefix=bos,
+                                          batch_size=batch, before_each=reset)
+        except ValueError as exc:  # the tokenizer merges newlines or values, or a length too short
+            if cfg.kv_lengths:  # asked for by name: an error
+                raise EvalError(f"{model.name}: key-value retrieval probe: {exc} (--kv-trials 0 skips it)") from None
+            log.warning("%s: key-value retrieval skipped: %s", model.name, exc)
+            out["kv_skipped"] = str(exc)  # on record in results.json, not silently missing
+            return out
+        out["kv"] = {}
+        for c in cells:
+            out["kv"].setdefault(str(c["length"]), {})[f"{c['depth']:g}"] = c["accuracy"]
+        out["kv_details"] = cells
+    return out
 
 
 def run_eval(model_paths: list[str], data_paths: list[str], out_dir: str | Path, cfg: EvalConfig,
@@ -144,7 +207,9 @@ def run_eval(model_paths: list[str], data_paths: list[str], out_dir: str | Path,
     results["files"] = {"results": str(out / "results.json")}
     ppl_png = plot_ppl_by_position(results, out / "ppl_by_position.png")
     key_png = plot_passkey(results, out / "passkey.png")
-    results["files"].update({k: str(v) for k, v in (("ppl_by_position", ppl_png), ("passkey", key_png)) if v})
+    probe_png = plot_probes(results, out / "probes.png")
+    results["files"].update({k: str(v) for k, v in (("ppl_by_position", ppl_png), ("passkey", key_png),
+                                                    ("probes", probe_png)) if v})
     (out / "summary.md").write_text(markdown_table(results) + "\n")
     write_results(results, out)
     return results
