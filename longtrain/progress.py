@@ -12,10 +12,15 @@ from longtrain.stages import ResolvedStage
 
 
 def stage_setting(stage: ResolvedStage) -> dict[str, Any]:
-    """The settings of a stage that its checkpointed record keeps (export reads ``rope``)."""
+    """The settings of a stage that its checkpointed record keeps (export reads ``rope``, and ``data``: a
+    dataset folder, for a mixture its first source's; ``sources`` lists a mixture's sources)."""
     cfg = stage.config
-    return {"name": cfg.name, "seq_len": cfg.seq_len, "rope": dict(cfg.rope), "sp_size": cfg.sp_size,
-            "data": cfg.data}
+    sources = cfg.sources()
+    setting = {"name": cfg.name, "seq_len": cfg.seq_len, "rope": dict(cfg.rope), "sp_size": cfg.sp_size,
+               "data": sources[0].path}
+    if isinstance(cfg.data, list):
+        setting["sources"] = [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources]
+    return setting
 
 
 @dataclass
@@ -40,17 +45,22 @@ class Progress:
     def begin_stage(self, stages: list[ResolvedStage], index: int) -> None:
         """Records for every stage up to ``index``; a resumed run's overrides (``--set``) update the current one."""
         while len(self.stages) <= index:
-            self.stages.append({**stage_setting(stages[len(self.stages)]), "steps_done": 0, "tokens": 0})
+            self.stages.append({**stage_setting(stages[len(self.stages)]), "steps_done": 0, "tokens": 0,
+                                "tokens_by_source": {}})
         self.stages[index].update(stage_setting(stages[index]))
 
-    def advance(self, tokens: int) -> None:
-        """One optimizer step of the current stage trained ``tokens`` tokens."""
+    def advance(self, tokens: int, tokens_by_source: dict[str, int] | None = None) -> None:
+        """One optimizer step of the current stage trained ``tokens`` tokens (``tokens_by_source``: of each
+        data source, cumulated in the stage record)."""
         self.global_step += 1
         self.step_in_stage += 1
         self.tokens_seen += tokens
         record = self.stages[self.stage_index]
         record["steps_done"] = self.step_in_stage
         record["tokens"] += tokens
+        by_source = record.setdefault("tokens_by_source", {})  # absent in checkpoints from before mixtures
+        for name, count in (tokens_by_source or {}).items():
+            by_source[name] = by_source.get(name, 0) + count
 
     def next_stage(self) -> None:
         self.stage_index += 1

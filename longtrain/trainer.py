@@ -112,7 +112,8 @@ class Trainer:
         self.stop.install()
         progress = self.restore()
         self.metrics = MetricsLogger(self.run_dir, self.rank == 0, sum(s.steps for s in self.stages),
-                                     self.cfg.train.log_every, self.cfg.train.tensorboard)
+                                     self.cfg.train.log_every, self.cfg.train.tensorboard,
+                                     wandb=self.cfg.train.wandb, run_config=self.cfg.to_dict())
         self.steps_this_run = 0
         try:
             while progress.stage_index < len(self.stages):
@@ -136,20 +137,22 @@ class Trainer:
         train = self.cfg.train
         while progress.step_in_stage < stage.steps:
             start = time.perf_counter()
-            batches, row_ids = data.micro_batches(progress.step_in_stage)
+            rows = data.micro_batches(progress.step_in_stage)
+            source_tokens = data.step_tokens(progress.step_in_stage)
             lr = stage.lr(progress.step_in_stage)
-            stats = self.module.forward_backward(batches, count_docs=sp_state.sp_rank == 0)
+            stats = self.module.forward_backward(rows.batches, count_docs=sp_state.sp_rank == 0,
+                                                 source_targets=rows.source_targets)
             if stats.targets == 0:
                 self._event("warning: a step with no target tokens (all loss_mask 0); gradients are zero")
             stats.grad_norm = self.module.optim_step(lr)
             seconds = time.perf_counter() - start
-            progress.advance(stage.tokens_per_step)
+            progress.advance(stage.tokens_per_step, source_tokens)
             self.steps_this_run += 1
-            self._log_step(stage, progress, lr, stats, seconds)
+            self._log_step(stage, progress, lr, stats, seconds, source_tokens)
             if train.log_samples:
                 append_samples(self.run_dir, self.rank, {
                     "step": progress.global_step, "stage_index": stage.index, "dp_rank": sp_state.dp_rank,
-                    "sp_rank": sp_state.sp_rank, "rows": row_ids})
+                    "sp_rank": sp_state.sp_rank, "rows": rows.row_ids})
             stopping = self.stop.agreed(self.device) or (
                 train.stop_after_steps is not None and self.steps_this_run >= train.stop_after_steps)
             if progress.step_in_stage >= stage.steps or stopping or checkpoint.periodic_save_due(
@@ -172,8 +175,8 @@ class Trainer:
         self._event(f"checkpoint saved: {tag_dir}")
 
     def _log_step(self, stage: ResolvedStage, progress: Progress, lr: float, stats: StepStats,
-                  seconds: float) -> None:
-        config = self.module.hf_model.config
+                  seconds: float, source_tokens: dict[str, int]) -> None:
+        config, data = self.module.hf_model.config, self.data[stage.index]
         tokens = stage.tokens_per_step
         flops = training_flops(self.n_params, config.num_hidden_layers, attention_width(config), tokens,
                                stats.sum_sq_doc_lens)
@@ -186,8 +189,10 @@ class Trainer:
             "peak_mem_gb": peak_memory_bytes(self.device) / 2**30, "seq_len": stage.seq_len,
             "rope_theta": float(config.rope_parameters.get("rope_theta", 0.0)),
             "rope_type": config.rope_parameters.get("rope_type"), "sp_size": stage.sp_size,
-            "epoch": self.data[stage.index].epoch_after(progress.step_in_stage),
-            "tokens_seen": progress.tokens_seen,
+            "epoch": data.epoch_after(progress.step_in_stage),
+            "tokens_seen": progress.tokens_seen, "tokens_by_source": source_tokens,
+            "targets_by_source": data.by_source(stats.targets_by_source or [stats.targets]),
+            "epoch_by_source": data.epochs_after(progress.step_in_stage),
         })
 
     def _event(self, text: str) -> None:
