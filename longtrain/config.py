@@ -130,6 +130,21 @@ class TrainConfig:
     """Write the dataset row ids each rank consumed per step to samples.rank{R}.jsonl (audits data order)."""
     stop_after_steps: int | None = None
     """Stop (with a checkpoint) after this many global steps of this invocation; for tests and demos."""
+    checkpoint_hashes: bool = True
+    """sha256 of every checkpoint file, recorded at save and checked before resume and export (sizes are
+    always recorded and checked). false: sizes only, for checkpoints so large that reading every file
+    back costs too much (README "Benchmarks": the cost measured)."""
+    max_nonfinite_steps: int = 3
+    """Stop with exit code 3 after this many consecutive steps whose loss or gradient norm is not finite
+    (DeepSpeed skips such updates; without ZeRO in fp32 it applies them). 0: never stop; every such step
+    is still counted and logged with its rows in metrics.jsonl. No checkpoint is saved while one is pending."""
+    loss_spike_factor: float | None = None
+    """Loss-spike check (Megatron's spiky-loss idea): a step whose loss exceeds this factor times the
+    median of the stage's last ``loss_spike_window`` finite losses is logged as a spike (e.g. 2.0; null: off)."""
+    loss_spike_window: int = 50
+    """Recent finite losses of the stage that the spike check takes the median of (at least 5 are needed)."""
+    stop_on_loss_spike: bool = False
+    """Stop with exit code 3 at a loss spike instead of only logging it (needs ``loss_spike_factor``)."""
     # --- kernels and long rows on one device (docs/gpu.md, docs/training.md "Attention", "Very long rows")
     attention: str = "auto"
     """Attention kernel: auto (flash_attn, else torch_varlen, else sdpa_loop: the first that runs here),
@@ -168,6 +183,14 @@ class TrainConfig:
             raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 0")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
+            raise ConfigError(f"train.loss_spike_factor must be > 1 (or null), got {self.loss_spike_factor}")
+        if self.loss_spike_window < 5:
+            raise ConfigError(f"train.loss_spike_window must be >= 5, got {self.loss_spike_window}")
+        if self.stop_on_loss_spike and self.loss_spike_factor is None:
+            raise ConfigError("train.stop_on_loss_spike needs train.loss_spike_factor (e.g. 2.0)")
 
 
 @dataclass

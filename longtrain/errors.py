@@ -15,11 +15,15 @@ from typing import Callable
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1  # `longtrain export --verify`: the written folder does not reproduce the checkpoint
 EXIT_BAD_INPUT = 2  # bad input, bad config or a damaged file: nothing was changed
+EXIT_DIVERGED = 3  # `longtrain train`: training diverged (non-finite or spiking loss); checkpoints before it are kept
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 class UserError(Exception):
     """Bad input or configuration; the message names what is wrong and what to do."""
+
+    exit_code = EXIT_BAD_INPUT
+    """What the command exits with; a subclass may say otherwise (``longtrain.divergence.DivergenceError``: 3)."""
 
 
 def prints_errors() -> bool:
@@ -37,13 +41,13 @@ def report(prog: str, message: str) -> None:
 
 
 def run_command(prog: str, action: Callable[[], int | None], interrupted: str = "interrupted") -> int:
-    """Run a command's action; a UserError becomes one line on stderr and exit code 2, Ctrl-C the line
-    ``interrupted`` and exit code 130."""
+    """Run a command's action; a UserError becomes one line on stderr and its exit code (2 unless the
+    error class says otherwise), Ctrl-C the line ``interrupted`` and exit code 130."""
     try:
         return int(action() or 0)
     except UserError as exc:
         report(prog, str(exc))
-        return EXIT_BAD_INPUT
+        return exc.exit_code
     except KeyboardInterrupt:
         report(prog, interrupted)
         return EXIT_INTERRUPTED

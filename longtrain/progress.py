@@ -1,7 +1,8 @@
 """Where a run stands: global step, stage, step in stage, tokens, and a record of every stage begun.
 
 Saved in every checkpoint (``longtrain_state.json``, docs/internals.md "Checkpoint layout") and
-restored from it; export reads the stage records to know which RoPE the checkpoint's model has.
+restored from it; export reads the stage records to know which RoPE the checkpoint's model has, and
+a resumed run compares them with its own config (``longtrain/resume_rules.py``).
 """
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from longtrain.stages import ResolvedStage
 
 
 def stage_setting(stage: ResolvedStage) -> dict[str, Any]:
-    """The settings of a stage that its checkpointed record keeps (export reads ``rope``, and ``data``: a
-    dataset folder, for a mixture its first source's; ``sources`` lists a mixture's sources)."""
+    """The settings of a stage that its checkpointed record keeps: as written (``rope``, ``data``, ...)
+    and as resolved (``rope_parameters``, ``steps``, ``global_batch_rows``) for the resume check.
+    ``data`` is the dataset folder, for a mixture its first source's; ``sources`` lists a mixture's
+    sources with their weights (None for a single dataset)."""
     cfg = stage.config
     sources = cfg.sources()
-    setting = {"name": cfg.name, "seq_len": cfg.seq_len, "rope": dict(cfg.rope), "sp_size": cfg.sp_size,
-               "data": sources[0].path}
-    if isinstance(cfg.data, list):
-        setting["sources"] = [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources]
-    return setting
+    mixture = [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources] if isinstance(cfg.data, list) else None
+    return {"name": cfg.name, "seq_len": cfg.seq_len, "rope": dict(cfg.rope), "sp_size": cfg.sp_size,
+            "data": sources[0].path, "sources": mixture, "rope_parameters": dict(stage.rope_params),
+            "max_position_embeddings": stage.max_position_embeddings, "steps": stage.steps,
+            "global_batch_rows": stage.layout.rows_per_step, "dp_size": stage.dp_size,
+            "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum, "sp_mode": cfg.sp_mode,
+            "lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "min_lr": cfg.min_lr, "decay": cfg.decay}
 
 
 @dataclass
@@ -43,7 +48,8 @@ class Progress:
                    stages=list(state["stages"]))
 
     def begin_stage(self, stages: list[ResolvedStage], index: int) -> None:
-        """Records for every stage up to ``index``; a resumed run's overrides (``--set``) update the current one."""
+        """Records for every stage up to ``index``; what a resumed run may change (``resume_rules``:
+        sp_size, the micro-batch split, learning rates) updates the current one."""
         while len(self.stages) <= index:
             self.stages.append({**stage_setting(stages[len(self.stages)]), "steps_done": 0, "tokens": 0,
                                 "tokens_by_source": {}})

@@ -63,18 +63,21 @@ class StageData:
         for positions in self.stage.layout.positions(step_in_stage, self.state.dp_rank):
             located = self.order.locate(positions)
             rows = self._read(located)
-            if source_targets is not None:
-                row_ids.append([[k, r] for k, r in located])
-                if self.state.sp_rank == 0:
-                    for (k, _), row in zip(located, rows):
-                        source_targets[k] += row_targets(row)
-            else:
-                row_ids.append([r for _, r in located])
+            row_ids.append([[k, r] for k, r in located] if self.mixed else [r for _, r in located])
+            if source_targets is not None and self.state.sp_rank == 0:
+                for (k, _), row in zip(located, rows):
+                    source_targets[k] += row_targets(row)
             batch = make_packed_batch(rows)
             if self.stage.sp_size > 1:
                 batch = shard_batch(batch, self.state, self.stage.sp_mode)
             batches.append(batch)
         return StepRows(batches, row_ids, source_targets)
+
+    def rows_of(self, positions: list[int]) -> list:
+        """The rows at global stage positions as the samples log names them: dataset row ids, or
+        ``[source, row]`` pairs in a mixture."""
+        located = self.order.locate(positions)
+        return [[k, r] for k, r in located] if self.mixed else [r for _, r in located]
 
     def _read(self, located: list[tuple[int, int]]) -> list[dict]:
         """Rows in position order, read with one ``rows`` call per source (one call for a single dataset)."""

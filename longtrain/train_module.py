@@ -80,10 +80,27 @@ class TrainModule:
         return StepStats(loss=totals[0].item() / max(global_targets, 1.0), targets=int(global_targets),
                          sum_sq_doc_lens=int(totals[1].item()), targets_by_source=by_source)
 
-    def optim_step(self, lr: float) -> float | None:
-        """Apply the reduced gradients at ``lr`` (the accumulation boundary); returns the gradient norm."""
+    def optim_step(self, lr: float) -> tuple[float | None, bool]:
+        """Apply the reduced gradients at ``lr`` (the accumulation boundary); returns the global gradient
+        norm and whether DeepSpeed applied the update (it skips one whose gradients are not finite)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        own_norm = self._unreported_grad_norm()
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
-        return float(grad_norm) if grad_norm is not None else None
+        if grad_norm is None:
+            grad_norm = own_norm
+        return (float(grad_norm) if grad_norm is not None else None), bool(self.engine.was_step_applied())
+
+    def _unreported_grad_norm(self) -> float | None:
+        """The gradient norm where DeepSpeed reports none (no ZeRO, fp32: torch's optimizer, which also
+        applies a non-finite update unchecked; ``longtrain/divergence.py``). Gradients are reduced
+        already; averaging the norm over ranks is one tiny collective that keeps every rank's verdict equal."""
+        if hasattr(self.engine.optimizer, "_global_grad_norm") or self.engine.zero_optimization_stage() > 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).double().reshape(1).to(self.device)
+        dist.all_reduce(norm)
+        return float(norm.item() / self.world_size)

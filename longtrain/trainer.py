@@ -6,6 +6,10 @@ place, its sequence-parallel attention and accumulation (``longtrain/train_modul
 stage's rows are read in their own deterministic order (``longtrain/stage_data.py``). One DeepSpeed
 engine serves the whole run, so the optimizer state carries across stages and one checkpoint format
 covers all. The loop itself knows no model internals.
+
+What keeps a run trustworthy has a module each: the run folder's lock (``run_lock``), the checkpoint
+to resume from, verified against its manifest (``checkpoint.choose_resume``), what may change on
+resume (``resume_rules``), the divergence guard (``divergence``) and a full disk (``checkpoint_space``).
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import torch.distributed as dist
 from data_prep.tokenizer import tokenizer_identity
 from longtrain import checkpoint
 from longtrain.activation_checkpointing import recomputed_layers
-from longtrain.config import ConfigError, RunConfig
+from longtrain.config import RunConfig
 from longtrain.data import datasets_tokenizer, open_stage_datasets, verify_stage_datasets
 from longtrain.distributed import init_distributed, teardown
+from longtrain.divergence import DivergenceError, DivergenceGuard, StepHealth, describe_step, diverged_message
 from longtrain.ds_config import build_deepspeed_config
 from longtrain.engine import build_engine, loss_module
 from longtrain.metrics import MetricsLogger, peak_flops, peak_memory_bytes, training_flops
@@ -28,23 +33,29 @@ from longtrain.model import (attention_width, count_parameters, embedding_rows, 
 from longtrain.parallel import init_parallel_states
 from longtrain.preemption import StopFlag
 from longtrain.progress import Progress
-from longtrain.run_dir import append_samples, truncate_logs, write_run_files
+from longtrain.resume_rules import check_resume
+from longtrain.run_dir import METRICS, append_samples, truncate_logs, write_run_files
+from longtrain.run_lock import lock_run_dir
 from longtrain.stage_data import StageData
 from longtrain.stages import ModelFacts, ResolvedStage, resolve_stages
 from longtrain.train_module import StepStats, TrainModule
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: str | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: str | None = None, break_lock: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.break_lock = break_lock
         self.stop = StopFlag()
         self.rank = 0
+        self.lock = None
+        self.resume_from: Path | None = None
 
     # ----------------------------------------------------------------------------- build
     def setup(self) -> None:
-        """Process groups, model, resolved stages, datasets, engine; the run folder's files."""
+        """Process groups, the run lock, resolved stages, the checkpoint to resume from (verified and
+        checked against the config before any weight loads), model, datasets, engine, run files."""
         cfg = self.cfg
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -52,6 +63,16 @@ class Trainer:
         # (and before the collectives below, which would hang on a degree that does not divide the world).
         self.stages: list[ResolvedStage] = resolve_stages(cfg, self.world,
                                                           ModelFacts.from_config(load_model_config(cfg.model)))
+        # Before anything is written to the run folder: one run per folder.
+        self.lock = lock_run_dir(self.run_dir, self.break_lock, self._event)
+        if self.resume is not None:
+            self.resume_from = checkpoint.choose_resume(self.resume, self.run_dir, cfg.train.checkpoint_hashes,
+                                                        self._event)
+            if self.resume_from is None:
+                self._event(f"resume auto: no complete checkpoint in {self.run_dir / 'checkpoints'}; starting fresh")
+            else:
+                for note in check_resume(checkpoint.read_state(self.resume_from), self.stages, cfg, self.resume_from):
+                    self._event(f"note: {note}")
         verify_stage_datasets(cfg.stages, cfg.train.verify_data, self._event)  # damaged files: before any model
         # Process groups for every sequence-parallel degree of the run, created up front on all
         # ranks in the same order (torch.distributed.new_group is collective).
@@ -75,6 +96,9 @@ class Trainer:
         self.source_model = cfg.model.name_or_path or f"from scratch ({cfg.model.config.get('model_type')})"
         self.n_params = count_parameters(hf_model)
         self.peak_flops = peak_flops(self.device, cfg.train.peak_tflops)
+        train = cfg.train
+        self.guard = DivergenceGuard(train.max_nonfinite_steps, train.loss_spike_factor, train.loss_spike_window,
+                                     train.stop_on_loss_spike, fp16=train.precision == "fp16")
         layers = len(hf_model.model.layers)
         self._event(f"model: {self.n_params:,} parameters, {layers} layers, activation checkpointing on "
                     f"{recomputed_layers(hf_model)}/{layers} layers, attention "
@@ -84,75 +108,82 @@ class Trainer:
         dist.barrier()
 
     def restore(self) -> Progress:
-        """Where to start: nothing, or the state of the checkpoint ``--resume`` names."""
-        if self.resume is None:
+        """Where to start: nothing, or the state of the checkpoint chosen in ``setup``."""
+        if self.resume_from is None:
             return Progress()
-        ckpt_root = self.run_dir / "checkpoints"
-        if self.resume == "auto":
-            tag_dir = checkpoint.latest_complete(ckpt_root)
-            if tag_dir is None:
-                self._event(f"resume auto: no complete checkpoint in {ckpt_root}; starting fresh")
-                return Progress()
-        else:
-            tag_dir = checkpoint.resolve_checkpoint(self.resume)
+        tag_dir = self.resume_from
         state = checkpoint.load(self.module.engine, tag_dir)
         if self.rank == 0:
             truncate_logs(self.run_dir, state["global_step"])  # steps after the checkpoint run again
         dist.barrier()
-        if len(state["stages"]) and state["stage_index"] >= len(self.stages):
-            raise ConfigError(f"{tag_dir}: reached stage {state['stage_index']} but the config has "
-                              f"{len(self.stages)} stages")
         self._event(f"resumed from {tag_dir} (global step {state['global_step']}, "
                     f"stage {state['stage_name']}, step {state['step_in_stage']})")
+        self.last_good = tag_dir
         return Progress.from_state(state)
 
     # ----------------------------------------------------------------------------- loop
     def run(self) -> int:
-        self.setup()
-        self.stop.install()
-        progress = self.restore()
-        self.metrics = MetricsLogger(self.run_dir, self.rank == 0, sum(s.steps for s in self.stages),
-                                     self.cfg.train.log_every, self.cfg.train.tensorboard,
-                                     wandb=self.cfg.train.wandb, run_config=self.cfg.to_dict())
-        self.steps_this_run = 0
+        self.metrics = None
         try:
-            while progress.stage_index < len(self.stages):
-                stage = self.stages[progress.stage_index]
-                if progress.step_in_stage < stage.steps and self.train_stage(stage, progress):
-                    return 0  # stopped (signal or stop_after_steps), checkpoint saved
-                progress.next_stage()
-            self._event(f"training done: {progress.global_step} steps, {progress.tokens_seen} tokens; "
-                        f"checkpoints in {self.run_dir / 'checkpoints'}")
-            return 0
+            self.setup()
+            self.stop.install()
+            self.last_good = None
+            progress = self.restore()
+            self.metrics = MetricsLogger(self.run_dir, self.rank == 0, sum(s.steps for s in self.stages),
+                                         self.cfg.train.log_every, self.cfg.train.tensorboard,
+                                         wandb=self.cfg.train.wandb, run_config=self.cfg.to_dict())
+            self.steps_this_run = 0
+            try:
+                while progress.stage_index < len(self.stages):
+                    stage = self.stages[progress.stage_index]
+                    if progress.step_in_stage < stage.steps and self.train_stage(stage, progress):
+                        return 0  # stopped (signal or stop_after_steps), checkpoint saved
+                    progress.next_stage()
+                flagged = self.guard.total_nonfinite
+                self._event(f"training done: {progress.global_step} steps, {progress.tokens_seen} tokens"
+                            + (f", {flagged} non-finite steps this run (each in {METRICS})" if flagged else "")
+                            + f"; checkpoints in {self.run_dir / 'checkpoints'}")
+                return 0
+            finally:
+                self.metrics.close()
+                teardown()
         finally:
-            self.metrics.close()
-            teardown()
+            if self.lock is not None:
+                self.lock.release()
 
     def train_stage(self, stage: ResolvedStage, progress: Progress) -> bool:
         """Train ``stage`` from ``progress`` to its end; True when the run stops early."""
         sp_state = self.module.begin_stage(stage)
         self._event(stage.describe())
         progress.begin_stage(self.stages, stage.index)
+        self.guard.begin_stage()
         data = self.data[stage.index]
         train = self.cfg.train
         while progress.step_in_stage < stage.steps:
             start = time.perf_counter()
-            rows = data.micro_batches(progress.step_in_stage)
-            source_tokens = data.step_tokens(progress.step_in_stage)
-            lr = stage.lr(progress.step_in_stage)
-            stats = self.module.forward_backward(rows.batches, count_docs=sp_state.sp_rank == 0,
-                                                 source_targets=rows.source_targets)
+            step_in_stage = progress.step_in_stage
+            step_rows = data.micro_batches(step_in_stage)
+            source_tokens = data.step_tokens(step_in_stage)
+            lr = stage.lr(step_in_stage)
+            stats = self.module.forward_backward(step_rows.batches, count_docs=sp_state.sp_rank == 0,
+                                                 source_targets=step_rows.source_targets)
             if stats.targets == 0:
                 self._event("warning: a step with no target tokens (all loss_mask 0); gradients are zero")
-            stats.grad_norm = self.module.optim_step(lr)
+            stats.grad_norm, applied = self.module.optim_step(lr)
             seconds = time.perf_counter() - start
             progress.advance(stage.tokens_per_step, source_tokens)
             self.steps_this_run += 1
-            self._log_step(stage, progress, lr, stats, seconds, source_tokens)
+            health = self.guard.observe(progress.global_step, stats.loss, stats.grad_norm, applied)
+            rows = self._step_rows(stage, step_in_stage) if health.flagged else None
+            self._log_step(stage, progress, lr, stats, seconds, health, rows, source_tokens)
             if train.log_samples:
                 append_samples(self.run_dir, self.rank, {
                     "step": progress.global_step, "stage_index": stage.index, "dp_rank": sp_state.dp_rank,
-                    "sp_rank": sp_state.sp_rank, "rows": rows.row_ids})
+                    "sp_rank": sp_state.sp_rank, "rows": step_rows.row_ids})
+            if health.flagged:
+                self._warn(stage, progress, stats, health)
+            if health.stop:
+                raise DivergenceError(self._diverged(stage, progress, health, rows))
             stopping = self.stop.agreed(self.device) or (
                 train.stop_after_steps is not None and self.steps_this_run >= train.stop_after_steps)
             if progress.step_in_stage >= stage.steps or stopping or checkpoint.periodic_save_due(
@@ -167,20 +198,53 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- outputs
     def _save(self, stage: ResolvedStage, progress: Progress) -> None:
+        if not self.guard.healthy:
+            # The weights may hold a non-finite update (fp32 without ZeRO applies it): keep the last good one.
+            self._event(f"not saving a checkpoint at global step {progress.global_step}: its step was non-finite; "
+                        f"the last good checkpoint stays {self.last_good or 'none'}")
+            return
         state = {**progress.to_state(), "stage_name": stage.name, "source_model": self.source_model,
                  "tokenizer": str(self.run_dir / "tokenizer") if self.tokenizer_dir else None,
                  "config": self.cfg.to_dict()}
+        train = self.cfg.train
         tag_dir = checkpoint.save(self.module.engine, self.run_dir / "checkpoints", state,
-                                  self.module.hf_model.config, self.cfg.train.keep_checkpoints)
+                                  self.module.hf_model.config, train.keep_checkpoints, train.checkpoint_hashes)
+        self.last_good = tag_dir
         self._event(f"checkpoint saved: {tag_dir}")
 
+    def _step_rows(self, stage: ResolvedStage, step_in_stage: int) -> list:
+        """The dataset rows of a whole step (every data-parallel rank's): positions [s*R, (s+1)*R); in a
+        mixture ``[source, row]`` pairs."""
+        per_step = stage.layout.rows_per_step
+        return self.data[stage.index].rows_of(list(range(step_in_stage * per_step, (step_in_stage + 1) * per_step)))
+
+    def _where(self, stage: ResolvedStage, progress: Progress) -> str:
+        return (f"global step {progress.global_step} (stage {stage.index} '{stage.name}', step "
+                f"{progress.step_in_stage} of {stage.steps})")
+
+    def _warn(self, stage: ResolvedStage, progress: Progress, stats: StepStats, health: StepHealth) -> None:
+        what = describe_step(stats.loss, stats.grad_norm, health.update_skipped)
+        if health.nonfinite:
+            limit = self.cfg.train.max_nonfinite_steps
+            self._event(f"warning: non-finite step at {self._where(stage, progress)}: {what}; {health.streak} in a "
+                        f"row (train.max_nonfinite_steps {limit or 'off'}); its rows are in {METRICS}")
+        elif health.spike_ratio is not None:
+            self._event(f"warning: loss spike at {self._where(stage, progress)}: {health.spike_ratio:.2f}x the recent "
+                        f"median; its rows are in {METRICS}")
+        else:
+            self._event(f"note: update skipped at {self._where(stage, progress)} (fp16 loss-scale overflow)")
+
+    def _diverged(self, stage: ResolvedStage, progress: Progress, health: StepHealth, rows: list[int]) -> str:
+        return diverged_message(health, self._where(stage, progress), rows, str(self.run_dir / METRICS),
+                                str(self.last_good) if self.last_good else None, f"{stage.where}.lr")
+
     def _log_step(self, stage: ResolvedStage, progress: Progress, lr: float, stats: StepStats,
-                  seconds: float, source_tokens: dict[str, int]) -> None:
+                  seconds: float, health: StepHealth, rows: list | None, source_tokens: dict[str, int]) -> None:
         config, data = self.module.hf_model.config, self.data[stage.index]
         tokens = stage.tokens_per_step
         flops = training_flops(self.n_params, config.num_hidden_layers, attention_width(config), tokens,
                                stats.sum_sq_doc_lens)
-        self.metrics.log_step({
+        record = {
             "step": progress.global_step, "stage": stage.name, "stage_index": stage.index,
             "step_in_stage": progress.step_in_stage, "loss": stats.loss, "lr": lr,
             "grad_norm": stats.grad_norm, "tokens": tokens, "targets": stats.targets,
@@ -193,12 +257,19 @@ class Trainer:
             "tokens_seen": progress.tokens_seen, "tokens_by_source": source_tokens,
             "targets_by_source": data.by_source(stats.targets_by_source or [stats.targets]),
             "epoch_by_source": data.epochs_after(progress.step_in_stage),
-        })
+            "nonfinite": health.nonfinite, "update_skipped": health.update_skipped,
+            "nonfinite_streak": health.streak,
+        }
+        if health.spike_ratio is not None:
+            record["loss_spike"] = health.spike_ratio
+        if rows is not None:
+            record["rows"] = rows
+        self.metrics.log_step(record)
 
     def _event(self, text: str) -> None:
         if self.rank == 0:
             print(text, flush=True)
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None) -> int:
-    return Trainer(cfg, run_dir, resume).run()
+def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, break_lock: bool = False) -> int:
+    return Trainer(cfg, run_dir, resume, break_lock).run()

@@ -13,8 +13,10 @@ rope_scaling for 4.4x), tokenizer files, generation_config.json and a model card
 The folder is written next to OUT under a hidden name and renamed into place only when complete
 (and verified): a failed export never leaves a folder at OUT.
 
-CHECKPOINT is a run folder (newest complete checkpoint, or --tag), its checkpoints/ folder, or one
-checkpoints/step_XXXXXXXX folder. ZeRO 0-3 checkpoints, with or without optimizer offload.
+CHECKPOINT is a run folder (newest complete checkpoint that verifies, or --tag), its checkpoints/
+folder, or one checkpoints/step_XXXXXXXX folder. ZeRO 0-3 checkpoints, with or without optimizer
+offload. The checkpoint is verified first: every file's size and sha256 against the manifest
+recorded at save; a damaged one is named and not exported.
 
 Memory (CPU RAM; no GPU is used): the fp32 model once, 4 bytes per parameter (7B: ~28 GB), while
 DeepSpeed's fp32 partitions are memory-mapped from the checkpoint (up to 4 bytes per parameter more
@@ -46,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-rows", type=int, default=2, help="sample rows for --verify (default 2)")
     parser.add_argument("--verify-tokens", type=int, default=256,
                         help="tokens per sample row, at the end of the stage's context (default 256)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only on success)")
+    parser.add_argument("--check-hashes", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the checkpoint's files against the sha256 recorded when it was saved, before "
+                             "anything is read (default on; sizes are always checked)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it holds an earlier export (only on success); a folder with other "
+                             "files is refused")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -68,7 +75,8 @@ def _export(args: argparse.Namespace) -> int:
         result = export_checkpoint(
             args.checkpoint, args.out, tag=args.tag, dtype=args.dtype, max_shard_size=args.max_shard_size,
             verify=args.verify, overwrite=args.overwrite, verify_rows=args.verify_rows,
-            verify_tokens=args.verify_tokens, progress=not args.no_progress, log=_log)
+            verify_tokens=args.verify_tokens, progress=not args.no_progress,
+            check_hashes=args.check_hashes, log=_log)
     except VerificationError as exc:  # a UserError too, but its own exit code
         report("longtrain export", str(exc))
         return EXIT_VERIFY_FAILED

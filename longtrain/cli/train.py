@@ -8,7 +8,10 @@ import yaml
 from longtrain.config import load_config
 from longtrain.errors import run_command
 
-EPILOG = """examples:
+EPILOG = """exit codes: 0 done or stopped with a checkpoint, 2 bad input / config / damaged checkpoint / run folder
+in use / disk full, 3 diverged (non-finite or spiking loss; see train.max_nonfinite_steps)
+
+examples:
   longtrain train --config configs/tiny_cpu.yaml --run-dir runs/tiny
   longtrain train --config configs/tiny_cpu.yaml --run-dir runs/tiny --set stages.1.steps=200 --resume auto
   deepspeed --num_gpus 8 -m longtrain.cli train --config configs/qwen2_7b_4k_to_32k.yaml --run-dir runs/q
@@ -27,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="auto: latest complete checkpoint of --run-dir (fresh start if none); "
                              "or a checkpoint / run folder")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take over the run folder's lock (train.lock) from a run on another host that you know "
+                             "is gone; a live run on this host is never taken over")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
 
@@ -45,4 +51,4 @@ def _train(args: argparse.Namespace) -> int:
     # and a config error should not wait for them.
     from longtrain.trainer import train
 
-    return train(cfg, args.run_dir, args.resume)
+    return train(cfg, args.run_dir, args.resume, args.break_lock)

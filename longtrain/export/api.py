@@ -1,6 +1,7 @@
 """``export_checkpoint`` and ``load_checkpoint_model``: the steps of an export, in order (docs/export.md).
 
-``export_checkpoint``: pick a complete checkpoint tag folder and rebuild its fp32 model
+``export_checkpoint``: pick a complete checkpoint tag folder that verifies against its manifest
+(sizes and sha256 of every file) and rebuild its fp32 model
 (``consolidate``); write safetensors shards in the export dtype, ``config.json``, a generation config
 (``files``), tokenizer files (``tokenizer``) and a model card (``card``) into a temporary sibling
 folder; verify that folder by loading it with ``from_pretrained`` (``verify``); rename it into place
@@ -49,6 +50,8 @@ class ExportOptions:
     verify_rows: int = 2
     verify_tokens: int = 256
     progress: bool = True
+    check_hashes: bool = True
+    """Check the checkpoint's files against the sha256 recorded at save (their sizes are always checked)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -79,7 +82,7 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, tag: str 
         with tqdm.external_write_mode():
             log(text)
 
-    tag_dir = select_checkpoint(checkpoint_path, tag, say)
+    tag_dir = select_checkpoint(checkpoint_path, tag, say, opts.check_hashes)
     check_output(out, tag_dir, overwrite)
     staging = make_staging(out)
     try:

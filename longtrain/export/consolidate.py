@@ -24,15 +24,19 @@ def _tag_of(tag: str) -> str:
     return checkpoint.tag_for(int(tag)) if tag.isdigit() else tag
 
 
-def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[str], None] = print) -> Path:
-    """The complete tag folder to export: ``path`` itself (a tag folder), or in a run folder /
-    ``checkpoints/`` folder the tag ``tag`` or else the newest complete one."""
+def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[str], None] = print,
+                      check_hashes: bool = True) -> Path:
+    """The complete, verified tag folder to export: ``path`` itself (a tag folder), or in a run folder /
+    ``checkpoints/`` folder the tag ``tag`` or else the newest complete one that verifies (damaged
+    newer ones are named and skipped). Verification: every file's size and, when ``check_hashes``,
+    sha256 against the checkpoint's manifest (``checkpoint.verify``)."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"CHECKPOINT {path}: does not exist")
     if not path.is_dir():
         raise ExportError(f"CHECKPOINT {path}: is a file; pass a run folder, its checkpoints/ folder or a "
                           f"step_XXXXXXXX checkpoint folder")
+    newest = None
     if checkpoint.is_tag_dir(path):
         if tag is not None and _tag_of(tag) != path.name:
             raise ExportError(f"--tag {tag}: CHECKPOINT {path} is already one checkpoint ({path.name}); pass its run "
@@ -48,7 +52,7 @@ def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[s
                 raise ExportError(f"--tag {tag}: no checkpoint {tag_dir.name} in {root}; complete checkpoints: "
                                   f"{', '.join(names) or 'none'}")
         elif done:
-            tag_dir = done[-1]
+            tag_dir = newest = done[-1]
             newer = [p.name for p in checkpoint.tag_dirs(root) if p.name > tag_dir.name]
             if newer:
                 log(f"note: skipping {', '.join(newer)} (no {checkpoint.COMPLETE_FILE} marker: cut off while being "
@@ -61,6 +65,13 @@ def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[s
     if not checkpoint.is_complete(tag_dir):
         raise ExportError(f"{tag_dir}: checkpoint is incomplete (no {checkpoint.COMPLETE_FILE} marker: it was cut off "
                           f"while being written); export an earlier one (--tag)")
+    if newest is not None:
+        tag_dir = _newest_intact(checkpoint.complete_checkpoints(tag_dir.parent), check_hashes, log)
+    else:
+        try:
+            log(checkpoint.verify(tag_dir, check_hashes).line())
+        except checkpoint.CheckpointError as exc:
+            raise ExportError(f"{exc}; not exporting it: export an earlier checkpoint (--tag)") from None
     if not any(tag_dir.glob("*_model_states.pt")):
         raise ExportError(f"{tag_dir}: not a DeepSpeed checkpoint (no *_model_states.pt file); the DeepSpeed files "
                           f"of this checkpoint are missing")
@@ -68,6 +79,23 @@ def select_checkpoint(path: str | Path, tag: str | None = None, log: Callable[[s
         raise ExportError(f"{tag_dir}: no {checkpoint.HF_CONFIG_DIR}/config.json (the model config at this step); "
                           f"was it written by `longtrain train`?")
     return tag_dir
+
+
+def _newest_intact(done: list[Path], check_hashes: bool, log: Callable[[str], None]) -> Path:
+    """The newest of ``done`` that verifies; each damaged one newer than it is named with its reason."""
+    damaged = []
+    for tag_dir in reversed(done):
+        try:
+            checked = checkpoint.verify(tag_dir, check_hashes)
+        except checkpoint.CheckpointError as exc:
+            log(f"note: skipping {exc}")
+            damaged.append(tag_dir.name)
+            continue
+        if damaged:
+            log(f"note: exporting {tag_dir.name}, the newest intact checkpoint (damaged: {', '.join(damaged)})")
+        log(checked.line())
+        return tag_dir
+    raise ExportError(f"{done[-1].parent}: every complete checkpoint is damaged ({', '.join(damaged)}; reasons above)")
 
 
 # ------------------------------------------------------------------------------------ consolidation

@@ -4,11 +4,45 @@ at OUT and an existing OUT is only replaced on success."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 from longtrain.export.errors import ExportError
+
+# Every file an export writes (files.py, tokenizer.py, card.py): what --overwrite may replace.
+EXPORT_FILES = re.compile(r"^(config\.json|generation_config\.json|README\.md|model(-\d{5}-of-\d{5})?\.safetensors|"
+                          r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
+                          r"special_tokens_map\.json|tokenizer\.model)$")
+CARD_MARK = "Exported by `longtrain export`"  # the model card's first paragraph (card.py)
+
+
+def _is_longtrain_card(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return CARD_MARK in handle.read(1 << 16)
+    except OSError:
+        return False
+
+
+def check_replaceable(out: Path) -> None:
+    """``--overwrite`` replaces only a folder that holds an export (or nothing): every entry one an
+    export writes, and its model card written by ``longtrain export``. Anything else is refused with
+    the list of what would be lost."""
+    entries = sorted(out.iterdir(), key=lambda p: p.name)
+    if not entries:
+        return
+    unexpected = [p.name + ("/" if p.is_dir() else "") for p in entries
+                  if not (EXPORT_FILES.match(p.name) and p.is_file() and not p.is_symlink())]
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        raise ExportError(f"OUT {out}: --overwrite replaces only a folder holding a longtrain export, and this one also "
+                          f"holds {shown}; move those away or choose another folder")
+    if not _is_longtrain_card(out / "README.md"):
+        raise ExportError(f"OUT {out}: --overwrite replaces only a folder holding a longtrain export, and this one has "
+                          f"no model card written by `longtrain export` (README.md); it may be another model: choose "
+                          f"another folder or remove it yourself")
 
 
 def check_output(out: Path, tag_dir: Path, overwrite: bool) -> None:
@@ -21,6 +55,7 @@ def check_output(out: Path, tag_dir: Path, overwrite: bool) -> None:
             raise ExportError(f"OUT {out}: exists and is not a folder; remove it yourself")
         if target == tag_dir.resolve() or target in tag_dir.resolve().parents:
             raise ExportError(f"OUT {out}: --overwrite would delete the checkpoint {tag_dir} (it is inside OUT)")
+        check_replaceable(out)
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +83,7 @@ def move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
         return
     if not overwrite:  # appeared while we worked
         raise ExportError(f"OUT {out}: appeared while exporting; pass --overwrite to replace it")
+    check_replaceable(out)  # again: files may have been added while we worked
     old = target.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
     os.rename(target, old)
     os.rename(staging, target)

@@ -345,6 +345,12 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, baseline_run, bas
     tag = run / "checkpoints" / "step_00000004"
     optim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:1000])
+    err = _cli_err(capsys, str(tag), str(tmp_path / "o2"))  # found by the manifest before anything is read
+    assert f"{tag}: damaged checkpoint: zero_pp_rank_0_mp_rank_00_optim_states.pt: 1000 bytes, " in err
+    # Written before manifests (COMPLETE without one): not verifiable, so DeepSpeed's own errors, named.
+    record = json.loads((tag / checkpoint.COMPLETE_FILE).read_text())
+    del record["manifest"]
+    (tag / checkpoint.COMPLETE_FILE).write_text(json.dumps(record))
     assert "DeepSpeed could not consolidate" in _cli_err(capsys, str(tag), str(tmp_path / "o2"))
     optim.unlink()
     assert "ZeRO-2 checkpoint without its *_optim_states.pt" in _cli_err(capsys, str(tag), str(tmp_path / "o2"))
@@ -370,8 +376,19 @@ def test_output_folder_rules(tmp_path, capsys, baseline_run):
     (out / "old.txt").write_text("previous export")
     assert "already exists; pass --overwrite" in _cli_err(capsys, tag, str(out))
     assert (out / "old.txt").is_file()
-    assert _cli(tag, str(out), "--overwrite", "--no-verify") == 0
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    # --overwrite replaces only an export: a folder with anything else is refused, naming what it holds.
+    (out / "notes").mkdir()
+    err = _cli_err(capsys, tag, str(out), "--overwrite", "--no-verify")
+    assert "replaces only a folder holding a longtrain export, and this one also holds notes/, old.txt" in err
+    assert (out / "old.txt").read_text() == "previous export" and (out / "notes").is_dir()
+    (out / "old.txt").unlink()
+    (out / "notes").rmdir()
+    assert _cli(tag, str(out), "--overwrite", "--no-verify") == 0  # an empty folder: nothing to lose
+    assert (out / "model.safetensors").is_file()
+    assert _cli(tag, str(out), "--overwrite", "--no-verify") == 0  # an export: replaced
+    (out / "README.md").write_text("# my own model\n")  # same file names, not written by longtrain export
+    assert "no model card written by `longtrain export`" in _cli_err(capsys, tag, str(out), "--overwrite")
+    assert (out / "README.md").read_text() == "# my own model\n"
     # Overwriting a folder that holds the checkpoint would delete it (a copy, in case the guard failed).
     shutil.copytree(baseline_run / "checkpoints" / "step_00000004", tmp_path / "run" / "checkpoints" / "step_00000004")
     assert "would delete the checkpoint" in _cli_err(capsys, str(tmp_path / "run"), str(tmp_path / "run"),
