@@ -255,3 +255,32 @@ def test_wandb_offline_files_hold_every_step_of_the_resumed_run(resumed_run):
         stages = wandb_files.table(folder, history[0], "stages")
         assert stages["columns"][:4] == ["step", "event", "stage_index", "stage"]
         assert [row[:4] for row in stages["data"]] == [[step, event, 0, "mix64"]]
+
+
+def test_a_started_mixed_stage_keeps_its_sources_and_weights_on_resume():
+    """A changed weight or source of a started mixture changes its row order: refused, naming
+    stages.0.sources (longtrain/resume_rules.py); a single dataset turned into a mixture is refused too."""
+    from longtrain.progress import Progress
+    from longtrain.resume_rules import check_resume
+    from longtrain.stages import ModelFacts, resolve_stages
+
+    def raw(data):
+        return {**_raw(data), "model": {"config": models.tiny_model_config()}}
+
+    def state_of(data):
+        cfg = config_from_dict(raw(data))
+        progress = Progress()
+        progress.begin_stage(resolve_stages(cfg, 1, ModelFacts.from_config(models.tiny_config())), 0)
+        return {**progress.to_state(), "config": cfg.to_dict()}
+
+    def resume(old, new):
+        cfg = config_from_dict(raw(new))
+        return check_resume(state_of(old), resolve_stages(cfg, 1, ModelFacts.from_config(models.tiny_config())),
+                            cfg, "CKPT")
+
+    mix = [{"path": "/d/a", "weight": 30}, {"path": "/d/b", "weight": 70}]
+    assert resume(mix, mix) == []
+    for new in ([{"path": "/d/a", "weight": 40}, {"path": "/d/b", "weight": 60}],
+                [{"path": "/d/a", "weight": 30}, {"path": "/d/c", "weight": 70}], "/d/a"):
+        with pytest.raises(ConfigError, match=r"stages\.0\.sources: "):
+            resume(mix, new)
