@@ -284,3 +284,18 @@ def test_a_started_mixed_stage_keeps_its_sources_and_weights_on_resume():
                 [{"path": "/d/a", "weight": 30}, {"path": "/d/c", "weight": 70}], "/d/a"):
         with pytest.raises(ConfigError, match=r"stages\.0\.sources: "):
             resume(mix, new)
+
+
+def test_the_prolong_recipe_loads_with_its_weights_realised_exactly():
+    """configs/prolong_llama3_8b_64k_to_512k.yaml: two mixed stages of four sources, 30/30/3/37 realised
+    in every block of 100 rows."""
+    from longtrain.config import load_config
+    from tests.support import env
+
+    cfg = load_config(env.REPO_ROOT / "configs" / "prolong_llama3_8b_64k_to_512k.yaml")
+    assert [s.seq_len for s in cfg.stages] == [65536, 524288]
+    for stage in cfg.stages:
+        assert [(s.name, s.weight) for s in stage.sources()] == [
+            ("code_repos", 30), ("books", 30), ("textbooks", 3), ("shortmix", 37)]
+        period, quotas = mixture_quotas([s.weight for s in stage.sources()])
+        assert period == 100 and quotas.tolist() == [30, 30, 3, 37]
