@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--wandb", metavar="PROJECT[/NAME]",
                    help="also log the summary table and the plots to Weights & Biases (needs the wandb package; "
-                        "run name default: the --out folder's name)")
-    p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
-                   help="W&B mode (default: wandb's own, WANDB_MODE or online)")
+                        "name default: the --out folder's name; offline: WANDB_MODE=offline)")
     return p
 
 
@@ -78,5 +76,5 @@ def _eval(args: argparse.Namespace) -> int:
     for key, path in results["files"].items():
         print(f"{key}: {path}")
     if wandb_run is not None:
-        print(f"wandb: {log_eval(results, args.out, *wandb_run, mode=args.wandb_mode)}")
+        print(f"wandb: {log_eval(results, args.out, *wandb_run)}")
     return 0

@@ -35,8 +35,7 @@ def _eval_args(tmp_path, stdlib_tokenizer, *extra: str) -> list[str]:
 
 def test_eval_logs_its_table_and_plots(tmp_path, capsys, offline, stdlib_tokenizer):
     wandb_files.require_wandb()
-    assert longtrain_main(_eval_args(tmp_path, stdlib_tokenizer, "--wandb", "longtrain-tests/tiny-eval",
-                                     "--wandb-mode", "offline")) == 0
+    assert longtrain_main(_eval_args(tmp_path, stdlib_tokenizer, "--wandb", "longtrain-tests/tiny-eval")) == 0
     assert "wandb: " in capsys.readouterr().out
     (folder,) = wandb_files.run_folders(offline)
     (row,) = wandb_files.history(folder)
