@@ -73,6 +73,12 @@ class StageData:
             batches.append(batch)
         return StepRows(batches, row_ids, source_targets)
 
+    def describe(self) -> str:
+        """One line on a mixture's sources: name, share of the stage's rows, rows in the dataset."""
+        shares = self.order.quotas / self.order.period
+        return (f"stage {self.stage.index} data: a mixture of {len(self.datasets)} sources, " + ", ".join(
+            f"{name} {share:.2%} ({len(d):,} rows)" for name, share, d in zip(self.names, shares, self.datasets)))
+
     def rows_of(self, positions: list[int]) -> list:
         """The rows at global stage positions as the samples log names them: dataset row ids, or
         ``[source, row]`` pairs in a mixture."""

@@ -158,6 +158,8 @@ class Trainer:
         progress.begin_stage(self.stages, stage.index)
         self.guard.begin_stage()
         data = self.data[stage.index]
+        if data.mixed:
+            self._event(data.describe())
         train = self.cfg.train
         while progress.step_in_stage < stage.steps:
             start = time.perf_counter()

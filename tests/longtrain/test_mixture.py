@@ -220,6 +220,7 @@ def resumed_run(tmp_path_factory, stdlib_tokenizer, stdlib_datasets, small_sourc
     resumed = runs.check(runs.run(runs.single_cmd() + runs.train_args(config, run_dir, "--resume", "auto"),
                                   log=root / "resumed.log", **env))
     assert "resumed from" in resumed.stdout and "stage mix64, step 3" in resumed.stdout
+    assert "stage 0 data: a mixture of 2 sources, stdlib 25.00% (" in resumed.stdout and "small 75.00% (24 rows)" in resumed.stdout
     return run_dir
 
 

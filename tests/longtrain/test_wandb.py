@@ -70,3 +70,20 @@ def test_only_rank_0_starts_wandb(tmp_path, offline):
     logger.close()
     assert not offline.exists() or not wandb_files.run_folders(offline)
     assert not (tmp_path / "wandb_run_id").exists()
+
+
+def test_stage_transitions_are_rows_of_the_stages_table(tmp_path, offline):
+    """Two stages in one invocation: the table gains a ``begin`` row at each stage's first step, logged
+    with that step; the steps in between carry no table (no console line: log_every 100 of 10 steps)."""
+    wandb_files.require_wandb()
+    logger = MetricsLogger(tmp_path, True, 10, 100, False, wandb=WandbConfig(project="p", mode="offline"))
+    for step, stage, in_stage in ((1, 0, 1), (2, 0, 2), (3, 1, 1)):
+        logger.log_step({"step": step, "stage": f"s{stage}", "stage_index": stage, "step_in_stage": in_stage,
+                         "seq_len": 64 * (stage + 1), "loss": 1.0 / step, "tokens_by_source": {"a": step}})
+    logger.close()
+    (folder,) = wandb_files.run_folders(offline)
+    rows = wandb_files.history(folder)
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["tokens_by_source/a"] for r in rows] == [1, 2, 3]
+    assert "stages/_type" not in rows[1]
+    table = wandb_files.table(folder, rows[2], "stages")
+    assert [row[:5] for row in table["data"]] == [[1, "begin", 0, "s0", 64], [3, "begin", 1, "s1", 128]]
