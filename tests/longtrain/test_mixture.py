@@ -8,6 +8,7 @@ inside the mixed stage with losses equal bitwise.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sysconfig
 from collections import Counter
@@ -122,7 +123,8 @@ def test_mixture_config_errors_name_the_key(data, message):
 
 
 def test_every_source_is_checked_like_a_dataset(tmp_path, stdlib_datasets):
-    """seq_len, a missing folder, the vocabulary and a damaged file: each error names stages.N.data.K.path."""
+    """seq_len, a missing folder, the vocabulary, another tokenizer (than the model's, or without one than
+    the first source's) and a damaged file: each error is one line naming stages.N.data.K.path."""
     good = str(stdlib_datasets[64])
     copy = Path(shutil.copytree(good, tmp_path / "copy"))
 
@@ -144,6 +146,18 @@ def test_every_source_is_checked_like_a_dataset(tmp_path, stdlib_datasets):
         verify_stage_datasets(stage_with(damaged), "fast")
     (opened,) = open_stage_datasets(stage_with(copy), None, 512)
     assert len(opened) == 2 and len(opened[0]) == len(opened[1])
+    other_tok = Path(shutil.copytree(good, tmp_path / "other_tok"))  # as if prepared with another tokenizer
+    meta = json.loads((other_tok / "meta.json").read_text())
+    identity = dict(meta["tokenizer"])
+    meta["tokenizer"].update(sha256="0" * 64, vocab_size=identity["vocab_size"] - 1)
+    (other_tok / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"^stages\.0\.data\.1\.path .*other_tok was tokenized with .* but "
+                                          r"stages\.0\.data\.0\.path .* prepare every source of a stage with the same") as first:
+        open_stage_datasets(stage_with(other_tok), None, 512)
+    with pytest.raises(ConfigError, match=r"^stages\.0\.data\.1\.path .*other_tok was tokenized with .* but the "
+                                          r"model's tokenizer is") as model:
+        open_stage_datasets(stage_with(other_tok), identity, 512)
+    assert "\n" not in str(first.value) + str(model.value)  # one line each
 
 
 # ------------------------------------------------------------------------------------------ real runs
