@@ -74,6 +74,8 @@ def prepare_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Each command imports its module after parsing: `--help` and argument errors answer at once, and a
+# command loads only what it uses (datasets and pyarrow take seconds to import).
 def prepare_main(argv: list[str]) -> int:
     def action(args):
         from data_prep.prepare import PrepareConfig, prepare

@@ -26,7 +26,7 @@ def load_meta(folder: Path) -> dict:
 
 
 def load_split(folder: Path, split: str):
-    import datasets
+    import datasets  # seconds to import: not for `inspect --help` or a missing folder
 
     path = Path(folder) / split
     if not path.is_dir():

@@ -72,7 +72,7 @@ class Tokenizer:
             self._load_hf()
 
     def _load_sentencepiece(self) -> None:
-        import sentencepiece as spm
+        import sentencepiece as spm  # per kind: a run loads only its tokenizer's library
 
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.file))
@@ -91,7 +91,7 @@ class Tokenizer:
         return len(parts) > 20 and whole == [i for part in parts for i in part]
 
     def _load_hf(self) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer  # per kind, as above
 
         try:
             self._hf = HFTokenizer.from_file(str(self.file))
@@ -214,7 +214,7 @@ def split_at_spaces(text: str, every: int) -> list[str]:
 
 
 def _splits_at_spaces_safely(model_file: Path) -> bool:
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2  # protobuf: only for .model files
 
     proto = model_pb2.ModelProto()
     proto.ParseFromString(Path(model_file).read_bytes())

@@ -83,7 +83,7 @@ def sample_sentences(cfg: TokenizerConfig) -> tuple[list[str], dict]:
 
 def train_tokenizer(cfg: TokenizerConfig, log=print) -> dict:
     """Train, write ``OUT/tokenizer.model``, return its identity (see tokenizer.tokenizer_identity)."""
-    import sentencepiece as spm
+    import sentencepiece as spm  # lazily, as data_prep/tokenizer.py: each command loads only what it uses
 
     out = Path(cfg.out).expanduser()
     target = out / "tokenizer.model"

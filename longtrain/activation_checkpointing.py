@@ -23,6 +23,8 @@ import torch
 from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from longtrain.config import ConfigError
+
 AUTO_TILE_TOKENS = 4096  # tiled_mlp auto: tiles of max(hidden_size, this) tokens (matmuls stay large)
 
 
@@ -121,8 +123,6 @@ def enable_tiled_mlp(hf_model: torch.nn.Module, setting: int | str) -> int:
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
         if mlp is None:
-            from longtrain.config import ConfigError
-
             raise ConfigError(f"train.tiled_mlp: decoder layer {i} of {type(hf_model).__name__} has no `mlp` "
                               "module to tile; set train.tiled_mlp: 1")
         mlp.forward = functools.partial(_tiled_forward, mlp, setting, hidden)

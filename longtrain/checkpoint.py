@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longtrain import universal_checkpoint
 from longtrain import checkpoint_manifest as manifest
 from longtrain.checkpoint_space import DiskFullError, check_free_space, explain_write_errors
 from longtrain.errors import UserError
@@ -343,23 +344,20 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
     """Load model, optimizer and RNG states into ``engine``; return the longtrain state. Call ``verify``
     first: this reads the files as they are."""
     state = read_state(tag_dir)
-    world = dist.get_world_size()
-    saved_world = read_complete(tag_dir).get("world_size", world)
-    if saved_world != world:
-        raise CheckpointError(
-            f"{tag_dir}: saved with {saved_world} ranks but this run has {world}; ZeRO optimizer shards "
-            "need the same world size (export it with `longtrain export` and start a new run from the export "
-            "to change the number of ranks)")
+    # Another world size: through DeepSpeed's universal format, converted once (longtrain/universal_checkpoint.py).
     try:
-        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        with universal_checkpoint.load_source(engine, tag_dir) as source:
+            load_path, _ = engine.load_checkpoint(source.load_dir, tag=source.tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:  # a damaged file of an unverified one
+        if isinstance(exc, UserError):
+            raise
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint ({type(exc).__name__}: "
                               f"{str(exc)[:200]}); a file is damaged: resume from an earlier one") from None
     if load_path is None:
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file() and source.same_world:  # per-rank streams: only meaningful on the same ranks
         _set_rng_state(_load_rng_file(rng_file))
     return state
 

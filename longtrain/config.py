@@ -158,6 +158,10 @@ class TrainConfig:
     offload_activations: bool = False
     """Keep what the forward saves for backward in host memory (with activation checkpointing: the
     layer inputs) and copy it back in backward; frees device memory at very long rows."""
+    # Elastic runs (docs/training.md, "Changing the number of GPUs").
+    stop_at_stage_end: bool = False
+    """Save and exit 0 at the end of every stage but the last, so the next stage can be relaunched on
+    another number of GPUs with ``--resume auto`` (give its stages ``global_batch_rows``)."""
     # --- experiment tracking (docs/training.md "Metrics")
     wandb: WandbConfig | None = None
     """Also log every step's metrics and the stage transitions to Weights & Biases (rank 0, when the
@@ -229,7 +233,15 @@ class StageConfig:
     micro_batch_size: int = 1
     """Dataset rows per forward per data-parallel rank (flattened into one packed sequence)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step per data-parallel rank."""
+    """Micro-batches per optimizer step per data-parallel rank (the global batch then grows with the
+    number of ranks; see global_batch_rows)."""
+    # Elastic runs: a global batch that does not depend on the world size.
+    global_batch_rows: int | None = None
+    """Rows per optimizer step over all ranks, instead of grad_accum: the accumulation is derived as
+    global_batch_rows / (micro_batch_size x data-parallel size), so the step count, the LR schedule and
+    the rows of every step are the same on any number of ranks, also when a resume changes it."""
+    global_batch_tokens: int | None = None
+    """The global batch as tokens instead: global_batch_rows = global_batch_tokens / seq_len."""
     sp_size: int = 1
     """Sequence-parallel degree: ranks sharing each sequence (data parallel = world / sp_size)."""
     sp_mode: str = "ulysses"
@@ -256,6 +268,7 @@ class StageConfig:
         _check_choice(f"{where}.decay", self.decay, LR_DECAYS)
         _check_positive(f"{where}.micro_batch_size", self.micro_batch_size)
         _check_positive(f"{where}.grad_accum", self.grad_accum)
+        self._validate_global_batch(where)
         _check_positive(f"{where}.sp_size", self.sp_size)
         _check_choice(f"{where}.sp_mode", self.sp_mode, SP_MODES)
         rope_type = self.rope.get("type")
@@ -272,6 +285,37 @@ class StageConfig:
         if isinstance(self.data, list):
             return list(self.data)
         return [DataSource(path=self.data, weight=1.0, name=_source_name(self.data))]
+
+
+    def _validate_global_batch(self, where: str) -> None:
+        """``global_batch_rows`` / ``global_batch_tokens``: at most one, never with grad_accum, whole rows,
+        whole micro-batches (the data-parallel split is checked against the world size in stages.py)."""
+        given = [k for k in ("global_batch_rows", "global_batch_tokens") if getattr(self, k) is not None]
+        if not given:
+            return
+        if len(given) > 1:
+            raise ConfigError(f"{where}: give at most one of {where}.global_batch_rows or {where}.global_batch_tokens")
+        key = f"{where}.{given[0]}"
+        _check_positive(key, getattr(self, given[0]))
+        if self.grad_accum != 1:
+            raise ConfigError(f"{where}: give {where}.grad_accum ({self.grad_accum}) or {key}, not both "
+                              "(the accumulation is derived from the global batch and the number of ranks)")
+        if self.global_batch_tokens is not None and self.global_batch_tokens % self.seq_len:
+            raise ConfigError(f"{key} ({self.global_batch_tokens}) must be a multiple of {where}.seq_len "
+                              f"({self.seq_len}): a step trains whole rows")
+        rows = self.global_rows
+        if rows % self.micro_batch_size:
+            value = (f"{self.global_batch_tokens} = {rows} rows of {self.seq_len}"
+                     if self.global_batch_tokens is not None else f"{rows}")
+            raise ConfigError(f"{key} ({value}) must be a multiple of {where}.micro_batch_size "
+                              f"({self.micro_batch_size})")
+
+    @property
+    def global_rows(self) -> int | None:
+        """Rows per optimizer step when the stage fixes its global batch; None with grad_accum."""
+        if self.global_batch_tokens is not None:
+            return self.global_batch_tokens // self.seq_len
+        return self.global_batch_rows
 
 
 def _source_name(path: str) -> str:

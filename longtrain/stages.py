@@ -58,6 +58,24 @@ def stage_steps(stage: StageConfig, rows_per_step: int) -> int:
     return max(1, math.ceil(stage.tokens / (rows_per_step * stage.seq_len)))
 
 
+def stage_grad_accum(stage: StageConfig, where: str, world_size: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank: ``grad_accum`` as written, or derived
+    from the stage's global batch (``global_batch_rows`` / ``global_batch_tokens``) and this world size,
+    so that the rows of every step, hence the step count and the LR schedule, do not depend on it."""
+    rows = stage.global_rows
+    if rows is None:
+        return stage.grad_accum
+    dp_size = world_size // stage.sp_size
+    per_step = stage.micro_batch_size * dp_size
+    if rows % per_step:
+        key = "global_batch_tokens" if stage.global_batch_tokens is not None else "global_batch_rows"
+        raise ConfigError(
+            f"{where}.{key}: {rows} rows per step do not split into whole micro-batches on {world_size} ranks "
+            f"(micro_batch_size {stage.micro_batch_size} x data-parallel size {dp_size} = {per_step} rows per "
+            f"micro-step, sp_size {stage.sp_size}); use a multiple of {per_step} or another number of ranks")
+    return rows // per_step
+
+
 def stage_max_position_embeddings(stage: StageConfig, original_max: int) -> int:
     """The stage's ``max_position_embeddings``: its seq_len by default; for dynamic NTK the original
     length, because transformers scales the base only beyond ``max_position_embeddings``."""
@@ -127,7 +145,7 @@ def resolve_stage(cfg: RunConfig, index: int, world_size: int, facts: ModelFacts
     except ValueError as exc:
         raise ConfigError(f"{where}.rope: {exc}") from None
     dp_size = world_size // stage.sp_size
-    layout = StepLayout(dp_size, stage.micro_batch_size, stage.grad_accum)
+    layout = StepLayout(dp_size, stage.micro_batch_size, stage_grad_accum(stage, where, world_size))
     return ResolvedStage(index=index, config=stage, rope_params=rope,
                          max_position_embeddings=stage_max_position_embeddings(
                              stage, facts.original_max_position_embeddings),

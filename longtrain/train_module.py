@@ -44,7 +44,16 @@ class TrainModule:
         apply_rope(self.hf_model, stage.rope_params, stage.max_position_embeddings)
         state = self.parallel[stage.sp_size]
         parallelize_attention(self.hf_model, state, stage.sp_mode)
-        self.engine.set_train_batch_size(stage.config.grad_accum * self.world_size)
+        # DeepSpeed sees every rank run `grad_accum` micro-batches of one packed sequence (ds_config.py);
+        # the resolved accumulation, derived from the global batch where the stage gives one.
+        self.engine.set_train_batch_size(stage.layout.grad_accum * self.world_size)
+        # DeepSpeed finds the accumulation boundary from a running count, (micro_steps + 1) % accumulation;
+        # a stage starts on a boundary, so the count restarts with the stage's accumulation (otherwise 3 steps
+        # x 2 micro-batches followed by an accumulation of 4 would step the optimizer after 2 of them).
+        self.engine.micro_steps = 0
+        if hasattr(self.engine.optimizer, "gradient_accumulation_steps"):
+            # ZeRO-1/2/3 keep their own copy from initialize (ZeRO-1/2 CPU offload's gradient norm reads it).
+            self.engine.optimizer.gradient_accumulation_steps = stage.layout.grad_accum
         return state
 
     def forward_backward(self, batches: list[PackedBatch], count_docs: bool,

@@ -136,8 +136,9 @@ class Trainer:
             try:
                 while progress.stage_index < len(self.stages):
                     stage = self.stages[progress.stage_index]
-                    if progress.step_in_stage < stage.steps and self.train_stage(stage, progress):
-                        return 0  # stopped (signal or stop_after_steps), checkpoint saved
+                    if progress.step_in_stage < stage.steps:
+                        if self.train_stage(stage, progress) or self._stop_at_stage_end(stage, progress):
+                            return 0  # stopped (signal, stop_after_steps, stop_at_stage_end), checkpoint saved
                     progress.next_stage()
                 flagged = self.guard.total_nonfinite
                 self._event(f"training done: {progress.global_step} steps, {progress.tokens_seen} tokens"
@@ -197,6 +198,15 @@ class Trainer:
                             f"resume with --resume auto")
                 return True
         return False
+
+    def _stop_at_stage_end(self, stage: ResolvedStage, progress: Progress) -> bool:
+        """``train.stop_at_stage_end``: exit after a stage this invocation trained (its end was saved), so
+        the next stage can be relaunched on another number of ranks."""
+        if not self.cfg.train.stop_at_stage_end or stage.index == len(self.stages) - 1:
+            return False
+        self._event(f"stage {stage.index} '{stage.name}' done at global step {progress.global_step}; "
+                    f"stopping (train.stop_at_stage_end): relaunch with --resume auto, on any number of ranks")
+        return True
 
     # ----------------------------------------------------------------------------- outputs
     def _save(self, stage: ResolvedStage, progress: Progress) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from longtrain import __version__
+
 # name -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
 SUBCOMMANDS = {
     "prepare": ("data_prep.cli", "prepare_main", "tokenize, pack / slide-window chunk corpora into a dataset"),
@@ -53,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from longtrain import __version__
-
         print(f"longtrain {__version__}")
         return 0
     name = argv[0]

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from longtrain.export.card import model_card
 from longtrain.export.consolidate import (build_model, consolidate_state_dict, current_stage, read_hf_config,
@@ -28,6 +31,7 @@ from longtrain.export.output import check_output, make_staging, move_into_place
 from longtrain.export.tokenizer import (TOKENIZER_DIR, TokenizerCheck, check_tokenizer, tokenizer_source,
                                         write_tokenizer)
 from longtrain.export.verify import Verification, sample_inputs, verify_export
+from longtrain.rope import apply_rope
 
 
 @dataclasses.dataclass
@@ -58,7 +62,6 @@ class ExportOptions:
             raise ExportError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.verify_rows < 1 or self.verify_tokens < 1:
             raise ExportError("--verify-rows and --verify-tokens must be >= 1")
-        from huggingface_hub import split_torch_state_dict_into_shards
 
         try:  # parses the size now, not after minutes of consolidation
             split_torch_state_dict_into_shards({}, max_shard_size=self.max_shard_size)
@@ -72,7 +75,6 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, tag: str 
     ``ExportError`` for bad input and ``VerificationError`` when the written folder does not reproduce
     the checkpoint's model; in both cases nothing is left at ``out`` (an existing ``out`` is only
     replaced on success)."""
-    from tqdm.auto import tqdm
 
     opts = ExportOptions(**options)
     start = time.monotonic()
@@ -100,9 +102,6 @@ def export_checkpoint(checkpoint_path: str | Path, out: str | Path, *, tag: str 
 def _export_into(staging: Path, out_name: str, tag_dir: Path, opts: ExportOptions,
                  log: Callable[[str], None]) -> ExportResult:
     """Every file of the export, written into ``staging``; verified when asked."""
-    from tqdm.auto import tqdm
-
-    from longtrain.rope import apply_rope
 
     state = read_state(tag_dir)
     hf_config = read_hf_config(tag_dir)
@@ -162,7 +161,6 @@ def _write_tokenizer_of_run(staging: Path, tag_dir: Path, state: dict[str, Any],
 def _check_tokenizer_of_run(staging: Path, source: Path, ids: torch.Tensor,
                             log: Callable[[str], None]) -> TokenizerCheck:
     """After config.json is written: AutoTokenizer's choice depends on its model_type."""
-    from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast.from_pretrained(staging)
     texts = [fast.decode([int(i) for i in row], skip_special_tokens=True) for row in ids]

@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
+from deepspeed.utils import zero_to_fp32
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from longtrain import checkpoint
 from longtrain.export.errors import ExportError
+from longtrain.rope import original_max_position_embeddings, rope_parameters
 
 PREFIX = "hf_model."  # longtrain.trainer.CausalLMLoss holds the HF model as `hf_model`
 
@@ -109,8 +114,6 @@ def consolidate_state_dict(tag_dir: Path, log: Callable[[str], None] = print) ->
     ZeRO-0 (weights only in the model states file) and DeepSpeed's BF16_Optimizer (bf16 with ZeRO-0/1:
     the same partitioned fp32 groups as ZeRO-1/2, but without the ``zero_stage`` key it looks for).
     """
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
-    from deepspeed.utils import zero_to_fp32
 
     optim_files = sorted(tag_dir.glob("*_optim_states.pt"), key=lambda p: zero_to_fp32.natural_keys(p.name))
     try:
@@ -160,8 +163,6 @@ def _zero0_state_dict(tag_dir: Path, log: Callable[[str], None]) -> dict[str, to
 def _bf16_optimizer_state_dict(tag_dir: Path, optim_files: list[Path]) -> dict[str, torch.Tensor]:
     """BF16_Optimizer (``bf16_zero_pp_rank_*``): ZeRO-1/2's flat fp32 partitions, merged by DeepSpeed's
     own ZeRO-2 code (``_get_fp32_state_dict_from_zero2_checkpoint`` checks the sizes add up)."""
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS
-    from deepspeed.utils import zero_to_fp32
 
     model_files = zero_to_fp32.get_model_state_files(str(tag_dir))
     model_states = zero_to_fp32.parse_model_states(model_files)
@@ -181,7 +182,6 @@ def _bf16_optimizer_state_dict(tag_dir: Path, optim_files: list[Path]) -> dict[s
 
 
 def read_hf_config(tag_dir: Path):
-    from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(tag_dir / checkpoint.HF_CONFIG_DIR)
@@ -201,7 +201,6 @@ def read_state(tag_dir: Path) -> dict[str, Any]:
 def build_model(hf_config, state_dict: dict[str, torch.Tensor], where: Path):
     """fp32 HF causal LM on CPU from a config and consolidated weights (no copy: the model's
     parameters share the state dict's storage). Every weight must be present and fit."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
         model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
@@ -231,7 +230,6 @@ def current_stage(state: dict[str, Any], tag_dir: Path | None = None) -> tuple[i
 def stage_rope(tag_dir: Path, state: dict[str, Any], hf_config) -> tuple[dict[str, Any], int]:
     """The RoPE parameters and max_position_embeddings of the stage the checkpoint reached, from the
     stage's own setting in ``longtrain_state.json``; refuses an ``hf_config`` that disagrees."""
-    from longtrain.rope import original_max_position_embeddings, rope_parameters
 
     index, stage = current_stage(state, tag_dir)
     saved = dict(hf_config.rope_parameters)

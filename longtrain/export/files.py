@@ -6,6 +6,7 @@ silently loads base 10000, so ``config.json`` also gets ``rope_theta`` and ``rop
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -13,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from longtrain.export.errors import ExportError
 
@@ -37,9 +42,6 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtyp
                   progress: bool = True) -> list[str]:
     """safetensors shards in ``dtype`` (one tensor converted at a time), plus
     ``model.safetensors.index.json`` when there is more than one. Returns the file names."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     # Plan on meta tensors of the output dtype, so shard sizes are those of the files written.
     planned = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device="meta")
@@ -108,7 +110,6 @@ def write_config(hf_config, model_cls_name: str, dtype: torch.dtype, token_ids: 
                  out: Path) -> dict[str, Any]:
     """``config.json``: the checkpoint's HF config for inference (cache on), the export dtype as both
     ``dtype`` and ``torch_dtype``, token ids of the exported tokenizer, and RoPE in both forms."""
-    import copy
 
     config = copy.deepcopy(hf_config)
     config.use_cache = True  # training turned the KV cache off; generation wants it
@@ -126,6 +127,5 @@ def write_config(hf_config, model_cls_name: str, dtype: torch.dtype, token_ids: 
 
 
 def write_generation_config(out: Path, token_ids: dict[str, int | None]) -> None:
-    from transformers import GenerationConfig
 
     GenerationConfig(**{k: v for k, v in token_ids.items() if v is not None}).save_pretrained(out)

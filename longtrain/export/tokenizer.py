@@ -14,11 +14,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import transformers
+from tokenizers import Tokenizer, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+
 from data_prep.errors import DataPrepError
 from data_prep.tokenizer import Tokenizer as DataPrepTokenizer, read_special_tokens
 from longtrain.export.errors import ExportError
+from longtrain.run_dir import TOKENIZER_DIR  # the run folder's tokenizer copy
 
-TOKENIZER_DIR = "tokenizer"
 
 
 def tokenizer_source(tag_dir: Path, state: dict[str, Any]) -> Path | None:
@@ -50,8 +55,6 @@ def write_tokenizer(source: Path, out: Path, add_bos: bool, model_max_length: in
     pieces), checked token for token against SentencePiece by ``check_tokenizer``; ``add_bos`` then
     makes ``tokenizer(text)`` start with BOS, as the training rows did (the dataset's ``add_bos``).
     """
-    from tokenizers import Tokenizer, processors
-    from transformers import AutoTokenizer
 
     spm_file = source / "tokenizer.model"
     run_tokenizer = _load(source)
@@ -111,7 +114,6 @@ def check_tokenizer(out: Path, source: Path, texts: list[str], fast=None) -> Tok
     ``tokenizer_class`` for some model types (e.g. qwen2, phi3: ``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``)
     and rebuilds that family's own pipeline over our vocabulary, which is wrong for a foreign tokenizer.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     fast = fast or PreTrainedTokenizerFast.from_pretrained(out)  # the caller's, when it loaded it already
     ref = _load(source)  # the tokenizer the training rows were encoded with, loaded the same way
@@ -141,6 +143,5 @@ def check_tokenizer(out: Path, source: Path, texts: list[str], fast=None) -> Tok
 
 
 def _transformers_version() -> str:
-    import transformers
 
     return transformers.__version__

@@ -5,13 +5,17 @@ stage's dataset, the config, both RoPE forms of ``config.json``, and the RoPE fr
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
+from longtrain.data import PreparedDataset
 from longtrain.export.consolidate import current_stage
 from longtrain.export.errors import VerificationError
 from longtrain.export.files import legacy_rope_keys
@@ -66,7 +70,6 @@ def sample_inputs(state: dict[str, Any], vocab_size: int, context: int, rows: in
     """``(input_ids, position_ids, source)``, both ``(rows, L)`` with ``L = min(tokens, context)``: the
     first rows of the checkpoint stage's dataset (validation split if any), else deterministic random
     ids. Positions are the *last* L of the context, where a RoPE mistake shows most."""
-    import numpy as np
 
     length = max(1, min(tokens, context))
     _, stage = current_stage(state)
@@ -74,7 +77,6 @@ def sample_inputs(state: dict[str, Any], vocab_size: int, context: int, rows: in
     ids, source = None, "deterministic random ids"
     if data:
         try:
-            from longtrain.data import PreparedDataset
 
             split = "validation" if (Path(data) / "validation").is_dir() else "train"
             dataset = PreparedDataset(data, split)
@@ -125,9 +127,6 @@ def verify_export(out: Path, reference, dtype: torch.dtype, rope: tuple[dict[str
     with ``reference``: the fp32 checkpoint model with the stage's RoPE applied, which is cast to
     ``dtype`` in place first (its fp32 hidden states and head are kept), so that at most the export
     and one 16-bit copy of the model are held besides (memory: see the CLI help)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
 
     ref_hidden, ref_head = _hidden(reference, ids, positions), copy.deepcopy(reference.lm_head)  # fp32
     if dtype != torch.float32:

@@ -28,7 +28,7 @@ ATTENTION_NAMES = {"ulysses": "longtrain_ulysses", "ring": "longtrain_ring"}
 def _document_layout(module, attention_mask, dropout: float, kwargs: dict, name: str):
     """The global document layout of the packed row, with the single-device attention's checks
     (``longtrain.attention.document_layout``) plus one of its own: no attention dropout across ranks."""
-    from longtrain.attention import document_layout
+    from longtrain.attention import document_layout  # lazily, like register_attention below
 
     if dropout:
         raise ValueError(f"attention '{name}' does not implement attention dropout (got {dropout}); "
@@ -38,7 +38,7 @@ def _document_layout(module, attention_mask, dropout: float, kwargs: dict, name:
 
 def _ulysses_hf(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, state, **kwargs):
     """transformers attention signature: query (1, H, L, D), key/value (1, Hkv, L, D) -> ((1, L, H, D), None)."""
-    from longtrain.attention import document_attention  # the single-device kernel, on the full row
+    from longtrain.attention import document_attention  # the single-device kernel, on the full row (lazy: below)
 
     cu, max_len = _document_layout(module, attention_mask, dropout, kwargs, "longtrain_ulysses")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

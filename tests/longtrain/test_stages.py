@@ -65,3 +65,60 @@ def test_refusals_name_the_stage_key(world, over, message):
 def test_ring_allows_degrees_beyond_the_head_count():
     cfg = _cfg(sp_size=8, sp_mode="ring")
     assert resolve_stages(cfg, 8, _facts(cfg))[1].dp_size == 1
+
+
+# ------------------------------------------------------------------------------------ a world-size-independent batch
+
+
+def _global(**stage1):
+    """Stage 0 with 8 rows per step, stage 1 (512 tokens, a token budget) with 4096 tokens = 8 rows per step."""
+    return _cfg(**{"global_batch_tokens": 8 * 512, **stage1})
+
+
+@pytest.mark.parametrize("world, sp, accum", [(1, 1, 8), (2, 1, 4), (4, 1, 2), (8, 1, 1), (4, 2, 4), (8, 2, 2)])
+def test_global_batch_gives_the_same_steps_schedule_and_rows_on_any_world(world, sp, accum):
+    cfg = _global(sp_size=sp)
+    cfg.stages[0].grad_accum, cfg.stages[0].global_batch_rows, cfg.stages[0].micro_batch_size = 1, 8, 1
+    short, long = resolve_stages(cfg, world, _facts(cfg))
+    assert short.layout.grad_accum == 8 // world  # stage 0 has no sequence parallelism: dp = world
+    assert long.dp_size == world // sp and long.layout.grad_accum == accum
+    for stage in (short, long):
+        assert stage.layout.rows_per_step == 8
+    assert long.steps == math.ceil(100000 / (8 * 512)) == 25  # a token budget: the same step count everywhere
+    assert [long.lr(i) for i in range(long.steps)] == [resolve_stages(cfg, 8, _facts(cfg))[1].lr(i)
+                                                        for i in range(long.steps)]
+    # Optimizer step k reads the stage positions [8k, 8k + 8) however they are split over ranks.
+    for k in (0, 3):
+        got = sorted(p for dp_rank in range(long.dp_size) for micro in long.layout.positions(k, dp_rank)
+                     for p in micro)
+        assert got == list(range(8 * k, 8 * k + 8))
+
+
+def test_global_batch_rows_that_do_not_split_name_the_stage_and_the_numbers():
+    cfg = _global(sp_size=1)
+    with pytest.raises(ConfigError, match=r"stages.1.global_batch_tokens: 8 rows per step do not split into whole "
+                                          r"micro-batches on 16 ranks .*data-parallel size 16.*multiple of 16"):
+        resolve_stages(cfg, 16, _facts(cfg))
+
+
+@pytest.mark.parametrize("stage1, message", [
+    ({"global_batch_rows": 8, "grad_accum": 2}, r"give stages.1.grad_accum \(2\) or stages.1.global_batch_rows, not"),
+    ({"global_batch_rows": 8, "global_batch_tokens": 4096}, r"at most one of stages.1.global_batch_rows or"),
+    ({"global_batch_tokens": 1000}, r"stages.1.global_batch_tokens \(1000\) must be a multiple of stages.1.seq_len"),
+    ({"global_batch_rows": 6, "micro_batch_size": 4}, r"stages.1.global_batch_rows \(6\) must be a multiple of "
+                                                      r"stages.1.micro_batch_size \(4\)"),
+    ({"global_batch_tokens": 3 * 512, "micro_batch_size": 2}, r"stages.1.global_batch_tokens \(1536 = 3 rows of "
+                                                              r"512\) must be a multiple of stages.1.micro_batch_size"),
+    ({"global_batch_rows": 0}, r"stages.1.global_batch_rows must be > 0"),
+])
+def test_global_batch_keys_are_validated(stage1, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**stage1)
+
+
+def test_existing_grad_accum_configs_resolve_as_before():
+    cfg = _cfg()
+    short, long = resolve_stages(cfg, 4, _facts(cfg))
+    assert (short.layout.grad_accum, short.layout.rows_per_step) == (2, 16)   # dp 4 x micro 2 x accum 2
+    assert (long.layout.grad_accum, long.layout.rows_per_step) == (1, 2)      # grows with the world size
+    assert resolve_stages(cfg, 8, _facts(cfg))[0].layout.rows_per_step == 32
