@@ -11,7 +11,8 @@ prints a table. Sections (docs/gpu.md says what each measures and the goals they
   window; the ring's block kernels and the ring on one device against the exact math;
 - ``train``: a Llama-3.2-1B-shaped model built from a config (no download), bf16, ZeRO-2 and ZeRO-3,
   one process, packed multi-document rows at 8k and 32k: tokens/s, MFU against the device's dense bf16
-  peak (``longtrain.metrics.GPU_PEAK_FLOPS``), peak allocated and reserved memory;
+  peak (``longtrain.metrics.GPU_PEAK_FLOPS``), peak allocated and reserved memory, and ``longtrain plan``'s
+  prediction of the allocated peak (docs/plan.md);
 - ``longest_seq_len``: a doubling probe from 32k tokens with tiled MLP, activation checkpointing and
   host offload on, each probe under a time cap;
 - ``export``: ``longtrain train`` through two stages (4k at RoPE base 10k, then 8k at 1M) and
@@ -326,6 +327,18 @@ def train_steps(engine, device, seq_len: int, vocab: int, doc_max: int, steps: i
     return {"seconds": seconds, "loss": loss_value, "sum_sq": sum_sq}
 
 
+def planned_peak(cfg, device: torch.device) -> dict:
+    """What ``longtrain plan`` predicts for this run's peak (the trainer's start-up plan: one rank, this
+    device), in GiB, next to what the section measures (``peak_allocated_gb``) and its error; on CPU the
+    fixed overhead is the process's resident size now (docs/plan.md "Fixed overhead")."""
+    from longtrain.plan import build_target, plan_run
+
+    target = build_target(cfg, world_size=1, device=device.type, peak_tflops=1.0)  # peak: time is not compared
+    stage = plan_run(cfg, target, suggest=False).stages[0]
+    return {"predicted_gb": gib(stage.peak_bytes), "predicted_terms": {k: gib(v) for k, v in
+                                                                        stage.memory.breakdown.items() if v}}
+
+
 def train_section(sizes: Sizes, device: torch.device, budget: float) -> dict:
     from longtrain.model import attention_width, count_parameters
 
@@ -354,12 +367,15 @@ def train_section(sizes: Sizes, device: torch.device, budget: float) -> dict:
                 reset_memory(device)
                 train_steps(engine, device, seq_len, hf.config.vocab_size, seq_len, sizes.warmup, seed=100)
                 timed = train_steps(engine, device, seq_len, hf.config.vocab_size, seq_len, sizes.timed)
+                measured = memory(device)
+                plan = planned_peak(run_config(sizes, seq_len, **train), device)
                 seconds = sum(timed["seconds"])
                 flops = sum(training_flops(n_params, layers, width, seq_len, sq) for sq in timed["sum_sq"])
                 runs.append({**train, "seq_len": seq_len, "tokens_per_s": round(seq_len * sizes.timed / seconds, 1),
                              "mfu": round(flops / seconds / peak, 4), "step_s": [round(x, 3) for x in timed["seconds"]],
                              "loss": timed["loss"], "kernel": str(engine.module.attention_backend),
-                             **memory(device)})
+                             **measured, **plan,
+                             "plan_error": round(plan["predicted_gb"] / measured["peak_allocated_gb"] - 1, 4)})
         except Exception as exc:  # noqa: BLE001 - one configuration's failure (e.g. OOM) must not end the check
             runs.append({**train, "error": f"{type(exc).__name__}: {str(exc)[:300]}", "oom": is_oom(exc)})
         finally:
@@ -521,7 +537,8 @@ def goals(results: dict, dry: bool) -> dict:
     return {"mfu_32k_ge_50pct": (max(r["mfu"] for r in runs) >= 0.5) if runs else None,
             "longest_row_ge_512k": (longest >= 524288) if longest is not None else None,
             "kernels_within_bf16_tolerance": all(c["ok"] for c in cases) if cases else None,
-            "train_losses_finite": all(math.isfinite(r["loss"]) for r in measured) if measured else None}
+            "train_losses_finite": all(math.isfinite(r["loss"]) for r in measured) if measured else None,
+            "plan_within_15pct_of_allocated": all(abs(r["plan_error"]) <= 0.15 for r in measured) if measured else None}
 
 
 def table(results: dict) -> str:
@@ -539,7 +556,8 @@ def table(results: dict) -> str:
                f"{r.get('seq_len', '')}"
         if "tokens_per_s" in r:
             row("train", what, f"{r['tokens_per_s']:.0f} tok/s  MFU {100 * r['mfu']:.1f}%  alloc "
-                f"{r['peak_allocated_gb']} GiB  reserved {r['peak_reserved_gb']} GiB")
+                f"{r['peak_allocated_gb']} GiB  reserved {r['peak_reserved_gb']} GiB  plan {r['predicted_gb']} GiB "
+                f"({100 * r['plan_error']:+.1f}% of alloc)")
         else:
             row("train", what, r.get("skipped") or r.get("error", "?"))
     lo = results.get("longest_seq_len", {})

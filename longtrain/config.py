@@ -162,6 +162,10 @@ class TrainConfig:
     stop_at_stage_end: bool = False
     """Save and exit 0 at the end of every stage but the last, so the next stage can be relaunched on
     another number of GPUs with ``--resume auto`` (give its stages ``global_batch_rows``)."""
+    # --- memory plan (longtrain/plan/, docs/plan.md)
+    ignore_memory_plan: bool = False
+    """Start even when the memory plan says a stage cannot fit (the trainer plans every stage at start-up,
+    before loading weights, and stops with the plan's message otherwise)."""
     # --- experiment tracking (docs/training.md "Metrics")
     wandb: WandbConfig | None = None
     """Also log every step's metrics and the stage transitions to Weights & Biases (rank 0, when the

@@ -2,6 +2,7 @@
 Weights & Biases when configured (``train.wandb``) and installed, and the MFU estimate."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -71,6 +72,25 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """On CPU (glibc), return every freed block of 64 KiB or more to the OS at once, so that the peak RSS
+    ``peak_memory_bytes`` reports is the peak of live tensors, the number ``longtrain plan`` predicts.
+
+    glibc's malloc raises its mmap threshold after large frees (up to 32 MiB) and then keeps freed
+    blocks of that size in its heap: the measured peak RSS of a long-sequence step was 20-50% above
+    the live peak and depended on the order of earlier allocations (docs/plan.md). Setting
+    ``M_MMAP_THRESHOLD`` (which also disables the dynamic threshold) and ``M_TRIM_THRESHOLD`` to 64 KiB
+    is what ``benchmarks/bench_sp.py`` measures activation memory with. CUDA is untouched."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl, ...): RSS may exceed the live peak there
+        pass
 
 
 def peak_reserved_bytes(device: torch.device) -> int | None:

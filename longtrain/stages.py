@@ -16,7 +16,7 @@ from typing import Any
 
 from longtrain.config import ConfigError, RunConfig, StageConfig
 from longtrain.data import StepLayout
-from longtrain.parallel import check_sp_for_model
+from longtrain.parallel import check_sp_for_model, padded_length
 from longtrain.rope import original_max_position_embeddings, rope_parameters
 
 
@@ -121,6 +121,22 @@ class ResolvedStage:
     @property
     def tokens_per_step(self) -> int:
         return self.layout.rows_per_step * self.config.seq_len
+
+    # --- what the memory planner (longtrain/plan/) reads: one rank's share of a micro-batch
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.config.sp_size
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        """Tokens of one flattened micro-batch (``micro_batch_size`` rows of ``seq_len``; batching.py)."""
+        return self.config.micro_batch_size * self.config.seq_len
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens each sequence-parallel rank holds of one micro-batch: padded to the SP multiple
+        (``longtrain.parallel.sharding.padded_length``), then split ``sp_size`` ways."""
+        return padded_length(self.micro_batch_tokens, self.sp_size, self.sp_mode) // self.sp_size
 
     def lr(self, step_in_stage: int) -> float:
         return learning_rate(self.config, step_in_stage, self.steps)

@@ -27,10 +27,11 @@ from longtrain.distributed import init_distributed, teardown
 from longtrain.divergence import DivergenceError, DivergenceGuard, StepHealth, describe_step, diverged_message
 from longtrain.ds_config import build_deepspeed_config
 from longtrain.engine import build_engine, loss_module
-from longtrain.metrics import MetricsLogger, peak_flops, peak_memory_bytes, training_flops
+from longtrain.metrics import MetricsLogger, peak_flops, peak_memory_bytes, release_freed_memory, training_flops
 from longtrain.model import (attention_width, count_parameters, embedding_rows, is_partitioned, load_model,
                              load_model_config, tokenizer_path, zero3_loading)
 from longtrain.parallel import init_parallel_states
+from longtrain.plan import check_memory_plan
 from longtrain.preemption import StopFlag
 from longtrain.progress import Progress
 from longtrain.resume_rules import check_resume
@@ -61,8 +62,12 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # Every stage checked and resolved from the model's config.json alone, before any weight loads
         # (and before the collectives below, which would hang on a degree that does not divide the world).
-        self.stages: list[ResolvedStage] = resolve_stages(cfg, self.world,
-                                                          ModelFacts.from_config(load_model_config(cfg.model)))
+        facts = ModelFacts.from_config(load_model_config(cfg.model))
+        self.stages: list[ResolvedStage] = resolve_stages(cfg, self.world, facts)
+        release_freed_memory(self.device)  # CPU: RSS follows live memory (what the plan predicts)
+        # Refuses a stage that cannot fit, before the run folder is touched and before any weight loads.
+        self.memory_plan = check_memory_plan(cfg, self.stages, facts.hf_config, self.device)
+        self._event(self.memory_plan.summary())
         # Before anything is written to the run folder: one run per folder.
         self.lock = lock_run_dir(self.run_dir, self.break_lock, self._event)
         if self.resume is not None:
@@ -262,7 +267,8 @@ class Trainer:
             "grad_norm": stats.grad_norm, "tokens": tokens, "targets": stats.targets,
             "tokens_per_s": tokens / seconds, "step_seconds": seconds,
             "mfu": flops / seconds / (self.peak_flops * self.world),
-            "peak_mem_gb": peak_memory_bytes(self.device) / 2**30, "seq_len": stage.seq_len,
+            "peak_mem_gb": peak_memory_bytes(self.device) / 2**30,
+            "peak_mem_pred_gb": self.memory_plan.peak_gb(stage.index), "seq_len": stage.seq_len,
             "rope_theta": float(config.rope_parameters.get("rope_theta", 0.0)),
             "rope_type": config.rope_parameters.get("rope_type"), "sp_size": stage.sp_size,
             "epoch": data.epoch_after(progress.step_in_stage),

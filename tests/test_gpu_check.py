@@ -35,6 +35,7 @@ def test_cpu_dry_run_writes_every_section(tmp_path):
     assert {(r["zero_stage"], r["seq_len"]) for r in runs} >= {(2, 256), (2, 512), (3, 256), (3, 512)}
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_allocated_gb"] > 0 for r in runs)
     assert all(r["kernel"].startswith("sdpa_loop") for r in runs)
+    assert all(r["predicted_gb"] > 0 and "plan_error" in r for r in runs)  # the plan next to what was measured
 
     longest = result["longest_seq_len"]
     assert longest["longest"] == 2048 and [p["seq_len"] for p in longest["probes"]] == [512, 1024, 2048]

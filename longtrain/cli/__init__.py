@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "prepare": ("data_prep.cli", "prepare_main", "tokenize, pack / slide-window chunk corpora into a dataset"),
     "inspect": ("data_prep.cli", "inspect_main", "print a prepared dataset's summary and decode a row"),
     "tokenizer": ("data_prep.cli", "tokenizer_main", "train a SentencePiece tokenizer on a corpus"),
+    "plan": ("longtrain.cli.plan", "main", "will every stage fit, and how long a step takes, before launching"),
     "train": ("longtrain.cli.train", "main", "train with DeepSpeed through a staged RoPE schedule"),
     "export": ("longtrain.cli.export", "main", "export a checkpoint to a verified Hugging Face folder"),
     "eval": ("longtrain.cli.eval", "main", "perplexity by position and passkey retrieval, with plots"),
