@@ -36,6 +36,8 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-timeout"],
         "tensorboard": ["tensorboard"],
+        # train.wandb and `longtrain eval --wandb` (tested with wandb 0.31, offline mode).
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={"console_scripts": ["longtrain=longtrain.cli:main"]},
 )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +33,10 @@ LR_DECAYS = ("cosine", "linear", "constant")
 OPTIMIZER_IMPLS = ("auto", "torch", "fused", "cpu_adam")
 VERIFY_DATA = ("fast", "full", "off")  # dataset files vs meta.json: sizes / sizes + sha256 / not checked
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa_loop")  # longtrain/attention_backends.py
+WANDB_MODES = ("online", "offline", "disabled")
+# A mixture source's share of its stage's rows is realised in a repeating pattern of at most this many
+# rows (longtrain/data.py, mixture_quotas); a smaller share could not get a row of its own.
+MIX_PERIOD_MAX = 10_000
 
 
 @dataclass
@@ -68,6 +74,23 @@ class OptimizerConfig:
         _check_choice("train.optimizer.impl", self.impl, OPTIMIZER_IMPLS)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class WandbConfig:
+    project: str
+    """The W&B project."""
+    name: str | None = None
+    """The W&B run name; default: the run folder's name."""
+    mode: str = "online"
+    """online, offline (files under WANDB_DIR, default the run folder; `wandb sync` uploads them) or disabled."""
+    entity: str | None = None
+    """The W&B team or user; default: wandb's own (WANDB_ENTITY, or the logged-in user)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.wandb.mode", self.mode, WANDB_MODES)
+        if not self.project:
+            raise ConfigError("train.wandb.project must be a non-empty string")
 
 
 @dataclass
@@ -143,6 +166,10 @@ class TrainConfig:
     ignore_memory_plan: bool = False
     """Start even when the memory plan says a stage cannot fit (the trainer plans every stage at start-up,
     before loading weights, and stops with the plan's message otherwise)."""
+    # --- experiment tracking (docs/training.md "Metrics")
+    wandb: WandbConfig | None = None
+    """Also log every step's metrics and the stage transitions to Weights & Biases (rank 0, when the
+    ``wandb`` package is installed): ``{project, name, mode, entity}``."""
 
     def __post_init__(self) -> None:
         _check_choice("train.attention", self.attention, ATTENTION_BACKENDS)
@@ -175,13 +202,26 @@ class TrainConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of a stage's data mixture (docs/training.md "Data mixtures")."""
+
+    path: str
+    """A ``longtrain prepare`` folder at the stage's seq_len, prepared with the same tokenizer as the others."""
+    weight: float
+    """This source's share of the stage's rows, relative to the other sources' weights (30, 30, 40 or 0.3, ...)."""
+    name: str | None = None
+    """Label in metrics and the checkpoint's stage record; default: the folder's name."""
+
+
+@dataclass
 class StageConfig:
     seq_len: int
     """Tokens per dataset row in this stage (must equal the dataset's seq_len)."""
     rope: dict[str, Any]
     """RoPE setting, e.g. {type: default, theta: 1000000} or {type: yarn, factor: 4, theta: 10000}."""
-    data: str
-    """Prepared dataset folder (``longtrain prepare``) for this stage."""
+    data: str | list[DataSource]
+    """Prepared dataset folder (``longtrain prepare``) for this stage, or a mixture of several:
+    ``[{path, weight}, ...]`` (rows drawn by weight in a deterministic order, longtrain/data.py)."""
     lr: float
     """Peak learning rate of this stage."""
     name: str | None = None
@@ -241,6 +281,15 @@ class StageConfig:
         if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_len:
             raise ConfigError(f"{where}.max_position_embeddings ({self.max_position_embeddings}) "
                               f"is below {where}.seq_len ({self.seq_len})")
+        if isinstance(self.data, list):
+            _validate_sources(self.data, f"{where}.data")
+
+    def sources(self) -> list[DataSource]:
+        """The stage's data as a list of sources: a single folder is one source of weight 1."""
+        if isinstance(self.data, list):
+            return list(self.data)
+        return [DataSource(path=self.data, weight=1.0, name=_source_name(self.data))]
+
 
     def _validate_global_batch(self, where: str) -> None:
         """``global_batch_rows`` / ``global_batch_tokens``: at most one, never with grad_accum, whole rows,
@@ -271,6 +320,36 @@ class StageConfig:
         if self.global_batch_tokens is not None:
             return self.global_batch_tokens // self.seq_len
         return self.global_batch_rows
+
+
+def _source_name(path: str) -> str:
+    return Path(path).name or str(path)
+
+
+def _validate_sources(sources: list[DataSource], where: str) -> None:
+    """Weights positive, names (default: folder names) and folders distinct, no share too small to draw."""
+    if not sources:
+        raise ConfigError(f"{where}: a mixture needs at least one {{path, weight}} source")
+    for k, source in enumerate(sources):
+        if not (math.isfinite(source.weight) and source.weight > 0):
+            raise ConfigError(f"{where}.{k}.weight must be a positive number, got {source.weight}")
+        if source.name is None:
+            source.name = _source_name(source.path)
+    total = sum(s.weight for s in sources)
+    seen_names: dict[str, int] = {}
+    seen_paths: dict[str, int] = {}
+    for k, source in enumerate(sources):
+        if source.weight / total < 1 / MIX_PERIOD_MAX:
+            raise ConfigError(f"{where}.{k}.weight: a share of {source.weight / total:.2g} of the stage is below "
+                              f"the smallest a mixture draws (1/{MIX_PERIOD_MAX:,} of its rows)")
+        if source.name in seen_names:
+            raise ConfigError(f"{where}.{k}.name: {source.name!r} is also the name of {where}.{seen_names[source.name]}; "
+                              f"give each source a distinct name")
+        path = os.path.normpath(os.path.expanduser(source.path))
+        if path in seen_paths:
+            raise ConfigError(f"{where}.{k}.path: {source.path} is also {where}.{seen_paths[path]}.path; "
+                              f"list a dataset once, with the sum of its weights")
+        seen_names[source.name] = seen_paths[path] = k
 
 
 @dataclass
@@ -410,7 +489,7 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _build(non_none[0], value, where)
-        raise ConfigError(f"{name}: unsupported union type {tp}")  # pragma: no cover - not used
+        return _build(_union_member(non_none, value, name), value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
@@ -446,6 +525,24 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:
         return value
     return _scalar(tp, value, name)
+
+
+def _union_member(members: list[Any], value: Any, name: str) -> Any:
+    """The member of a union such as ``str | list[DataSource]`` that ``value``'s shape selects."""
+    def shape(tp: Any) -> type:
+        origin = typing.get_origin(tp)
+        if origin is list:
+            return list
+        if origin is dict or dataclasses.is_dataclass(tp):
+            return dict
+        return tp
+
+    for tp in members:
+        if isinstance(value, shape(tp)) and not (shape(tp) is int and isinstance(value, bool)):
+            return tp
+    words = {list: "a list", dict: "a mapping", str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    expected = " or ".join(words.get(shape(tp), str(tp)) for tp in members)
+    raise ConfigError(f"{name}: expected {expected}, got {value!r}")
 
 
 def _scalar(tp: type, value: Any, name: str) -> Any:
@@ -491,7 +588,11 @@ def _resolve_paths(cfg: RunConfig) -> None:
     written (a hub id).
     """
     for stage in cfg.stages:
-        stage.data = str(Path(stage.data).expanduser().resolve())
+        if isinstance(stage.data, list):
+            for source in stage.data:
+                source.path = str(Path(source.path).expanduser().resolve())
+        else:
+            stage.data = str(Path(stage.data).expanduser().resolve())
     for attr in ("name_or_path", "tokenizer"):
         value = getattr(cfg.model, attr)
         if value is not None and Path(value).expanduser().exists():

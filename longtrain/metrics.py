@@ -1,12 +1,14 @@
 """Per-step metrics: metrics.jsonl (always), a console line with ETA, TensorBoard when installed,
-and the MFU estimate."""
+Weights & Biases when configured (``train.wandb``) and installed, and the MFU estimate."""
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +113,77 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def flat_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """Nested per-source mappings as ``key/name`` entries (``tokens_by_source/code``): TensorBoard and
+    W&B chart scalars."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{name}": item for name, item in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+STAGE_COLUMNS = ("step", "event", "stage_index", "stage", "seq_len", "rope_type", "rope_theta", "sp_size")
+
+
+class WandbLogger:
+    """Every step's metrics against the training step, and a ``stages`` table that gains a row at each
+    stage transition (``begin``; ``resume`` for the first step of a resumed run). The run id is kept in
+    the run folder (``wandb_run_id``), so a resumed run continues the same W&B run; steps that run again
+    after a resume are logged again at the same ``step``."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, run_dir: Path, cfg, run_config: dict[str, Any] | None):
+        # Imported here: wandb is optional and takes a second to import; runs without train.wandb never pay it.
+        import wandb
+
+        id_file = run_dir / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        self._wandb = wandb
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.resolve().name,
+                              mode=cfg.mode, id=run_id, resume="allow", config=run_config,
+                              dir=os.environ.get("WANDB_DIR") or str(run_dir))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        self._stages: list[list[Any]] = []
+        self._stage_index: int | None = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        values = flat_metrics(record)
+        if record.get("stage_index") != self._stage_index:
+            self._stage_index = record.get("stage_index")
+            event = "begin" if record.get("step_in_stage") == 1 else "resume"
+            self._stages.append([record.get(c) if c != "event" else event for c in STAGE_COLUMNS])
+            values["stages"] = self._wandb.Table(columns=list(STAGE_COLUMNS), data=[list(r) for r in self._stages])
+        self.run.log(values)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_wandb(run_dir: Path, cfg, run_config: dict[str, Any] | None) -> WandbLogger | None:
+    """A WandbLogger, or None with a warning line when wandb is not installed or does not start: the
+    run goes on, metrics.jsonl holds every step."""
+    try:
+        return WandbLogger(run_dir, cfg, run_config)
+    except ImportError:
+        print("warning: train.wandb is set but the wandb package is not installed (pip install 'longtrain[wandb]'); "
+              "metrics go to metrics.jsonl only", flush=True)
+    except Exception as exc:  # any wandb start-up failure (login, network): training must not stop for it
+        print(f"warning: Weights & Biases did not start ({type(exc).__name__}: {str(exc)[:200]}); metrics go to "
+              "metrics.jsonl only", flush=True)
+    return None
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks call the same methods and nothing happens."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, log_every: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, log_every: int, tensorboard: bool,
+                 wandb=None, run_config: dict[str, Any] | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_every = log_every
@@ -129,6 +198,8 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 self._tb = None  # optional: pip install tensorboard
+        self._wandb = open_wandb(run_dir, wandb, run_config) if enabled and wandb is not None else None
+        self._start = time.perf_counter()  # the ETA counts training steps, not W&B's start-up
 
     def log_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -140,9 +211,11 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, value in record.items():
+            for key, value in flat_metrics(record).items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(f"train/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(record)
         self._steps_timed += 1
         step = record["step"]
         if step % self.log_every == 0 or step == self.total_steps:
@@ -159,3 +232,5 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()

@@ -14,10 +14,14 @@ from longtrain.stages import ResolvedStage
 
 def stage_setting(stage: ResolvedStage) -> dict[str, Any]:
     """The settings of a stage that its checkpointed record keeps: as written (``rope``, ``data``, ...)
-    and as resolved (``rope_parameters``, ``steps``, ``global_batch_rows``) for the resume check."""
+    and as resolved (``rope_parameters``, ``steps``, ``global_batch_rows``) for the resume check.
+    ``data`` is the dataset folder, for a mixture its first source's; ``sources`` lists a mixture's
+    sources with their weights (None for a single dataset)."""
     cfg = stage.config
+    sources = cfg.sources()
+    mixture = [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources] if isinstance(cfg.data, list) else None
     return {"name": cfg.name, "seq_len": cfg.seq_len, "rope": dict(cfg.rope), "sp_size": cfg.sp_size,
-            "data": cfg.data, "rope_parameters": dict(stage.rope_params),
+            "data": sources[0].path, "sources": mixture, "rope_parameters": dict(stage.rope_params),
             "max_position_embeddings": stage.max_position_embeddings, "steps": stage.steps,
             "global_batch_rows": stage.layout.rows_per_step, "dp_size": stage.dp_size,
             "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum, "sp_mode": cfg.sp_mode,
@@ -47,17 +51,22 @@ class Progress:
         """Records for every stage up to ``index``; what a resumed run may change (``resume_rules``:
         sp_size, the micro-batch split, learning rates) updates the current one."""
         while len(self.stages) <= index:
-            self.stages.append({**stage_setting(stages[len(self.stages)]), "steps_done": 0, "tokens": 0})
+            self.stages.append({**stage_setting(stages[len(self.stages)]), "steps_done": 0, "tokens": 0,
+                                "tokens_by_source": {}})
         self.stages[index].update(stage_setting(stages[index]))
 
-    def advance(self, tokens: int) -> None:
-        """One optimizer step of the current stage trained ``tokens`` tokens."""
+    def advance(self, tokens: int, tokens_by_source: dict[str, int] | None = None) -> None:
+        """One optimizer step of the current stage trained ``tokens`` tokens (``tokens_by_source``: of each
+        data source, cumulated in the stage record)."""
         self.global_step += 1
         self.step_in_stage += 1
         self.tokens_seen += tokens
         record = self.stages[self.stage_index]
         record["steps_done"] = self.step_in_stage
         record["tokens"] += tokens
+        by_source = record.setdefault("tokens_by_source", {})  # absent in checkpoints from before mixtures
+        for name, count in (tokens_by_source or {}).items():
+            by_source[name] = by_source.get(name, 0) + count
 
     def next_stage(self) -> None:
         self.stage_index += 1

@@ -26,6 +26,7 @@ FIXED: dict[str, str] = {
     "rope": "the RoPE the model was trained with in this stage",
     "max_position_embeddings": "the RoPE scaling of this stage",
     "data": "the stage's row order is a permutation of this dataset",
+    "sources": "a mixture's row order follows its sources and their weights (longtrain/data.py, MixtureOrder)",
     "steps": "the stage's learning-rate schedule and where it ends",
     "global_batch_rows": "step s of the stage reads its rows [s * R, (s + 1) * R)",
 }

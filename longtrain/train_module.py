@@ -24,6 +24,8 @@ class StepStats:
     sum_sq_doc_lens: int
     """Sum of squared document lengths (attention FLOPs, counted once per sequence-parallel group)."""
     grad_norm: float | None = None
+    targets_by_source: list[int] | None = None
+    """A mixture's targets per source (summed in the same all-reduce as ``targets``)."""
 
 
 class TrainModule:
@@ -54,15 +56,18 @@ class TrainModule:
             self.engine.optimizer.gradient_accumulation_steps = stage.layout.grad_accum
         return state
 
-    def forward_backward(self, batches: list[PackedBatch], count_docs: bool) -> StepStats:
+    def forward_backward(self, batches: list[PackedBatch], count_docs: bool,
+                         source_targets: list[int] | None = None) -> StepStats:
         """Forward and backward of every micro-batch of one optimizer step: afterwards the gradients
         are reduced but not applied (``optim_step`` applies them). ``count_docs``: this rank counts the
-        documents' lengths (every SP rank sees the row's global ``cu_seqlens``: one rank per SP group)."""
+        documents' lengths (every SP rank sees the row's global ``cu_seqlens``: one rank per SP group).
+        ``source_targets``: this rank's targets per mixture source, summed over ranks alongside."""
         engine, dev = self.engine, self.device
         # Collective inputs live on the training device: NCCL has no CPU tensors (gloo: the device is the CPU).
-        counts = torch.tensor([float(sum(b.num_targets for b in batches))], dtype=torch.float64, device=dev)
+        counts = torch.tensor([float(sum(b.num_targets for b in batches))] + [float(t) for t in source_targets or []],
+                              dtype=torch.float64, device=dev)  # (1 + sources,)
         dist.all_reduce(counts)
-        global_targets = counts.item()
+        global_targets = counts[0].item()
         # engine.backward divides by grad_accum and ZeRO averages over all ranks: undo both so the
         # gradient is d(global loss sum / global targets) exactly (docs/internals.md, "Loss contract").
         scale = self.world_size * len(batches) / max(global_targets, 1.0)
@@ -85,8 +90,9 @@ class TrainModule:
                 sum_sq += int((lens * lens).sum())
         totals = torch.stack([loss_sum, torch.tensor(float(sum_sq), dtype=torch.float64, device=dev)])
         dist.all_reduce(totals)
+        by_source = [int(c) for c in counts[1:].tolist()] if source_targets is not None else None
         return StepStats(loss=totals[0].item() / max(global_targets, 1.0), targets=int(global_targets),
-                         sum_sq_doc_lens=int(totals[1].item()))
+                         sum_sq_doc_lens=int(totals[1].item()), targets_by_source=by_source)
 
     def optim_step(self, lr: float) -> tuple[float | None, bool]:
         """Apply the reduced gradients at ``lr`` (the accumulation boundary); returns the global gradient

@@ -135,7 +135,8 @@ class Trainer:
             self.last_good = None
             progress = self.restore()
             self.metrics = MetricsLogger(self.run_dir, self.rank == 0, sum(s.steps for s in self.stages),
-                                         self.cfg.train.log_every, self.cfg.train.tensorboard)
+                                         self.cfg.train.log_every, self.cfg.train.tensorboard,
+                                         wandb=self.cfg.train.wandb, run_config=self.cfg.to_dict())
             self.steps_this_run = 0
             try:
                 while progress.stage_index < len(self.stages):
@@ -163,26 +164,30 @@ class Trainer:
         progress.begin_stage(self.stages, stage.index)
         self.guard.begin_stage()
         data = self.data[stage.index]
+        if data.mixed:
+            self._event(data.describe())
         train = self.cfg.train
         while progress.step_in_stage < stage.steps:
             start = time.perf_counter()
             step_in_stage = progress.step_in_stage
-            batches, row_ids = data.micro_batches(step_in_stage)
+            step_rows = data.micro_batches(step_in_stage)
+            source_tokens = data.step_tokens(step_in_stage)
             lr = stage.lr(step_in_stage)
-            stats = self.module.forward_backward(batches, count_docs=sp_state.sp_rank == 0)
+            stats = self.module.forward_backward(step_rows.batches, count_docs=sp_state.sp_rank == 0,
+                                                 source_targets=step_rows.source_targets)
             if stats.targets == 0:
                 self._event("warning: a step with no target tokens (all loss_mask 0); gradients are zero")
             stats.grad_norm, applied = self.module.optim_step(lr)
             seconds = time.perf_counter() - start
-            progress.advance(stage.tokens_per_step)
+            progress.advance(stage.tokens_per_step, source_tokens)
             self.steps_this_run += 1
             health = self.guard.observe(progress.global_step, stats.loss, stats.grad_norm, applied)
             rows = self._step_rows(stage, step_in_stage) if health.flagged else None
-            self._log_step(stage, progress, lr, stats, seconds, health, rows)
+            self._log_step(stage, progress, lr, stats, seconds, health, rows, source_tokens)
             if train.log_samples:
                 append_samples(self.run_dir, self.rank, {
                     "step": progress.global_step, "stage_index": stage.index, "dp_rank": sp_state.dp_rank,
-                    "sp_rank": sp_state.sp_rank, "rows": row_ids})
+                    "sp_rank": sp_state.sp_rank, "rows": step_rows.row_ids})
             if health.flagged:
                 self._warn(stage, progress, stats, health)
             if health.stop:
@@ -224,10 +229,11 @@ class Trainer:
         self.last_good = tag_dir
         self._event(f"checkpoint saved: {tag_dir}")
 
-    def _step_rows(self, stage: ResolvedStage, step_in_stage: int) -> list[int]:
-        """The dataset rows of a whole step (every data-parallel rank's): positions [s*R, (s+1)*R)."""
+    def _step_rows(self, stage: ResolvedStage, step_in_stage: int) -> list:
+        """The dataset rows of a whole step (every data-parallel rank's): positions [s*R, (s+1)*R); in a
+        mixture ``[source, row]`` pairs."""
         per_step = stage.layout.rows_per_step
-        return self.data[stage.index].order.row_ids(list(range(step_in_stage * per_step, (step_in_stage + 1) * per_step)))
+        return self.data[stage.index].rows_of(list(range(step_in_stage * per_step, (step_in_stage + 1) * per_step)))
 
     def _where(self, stage: ResolvedStage, progress: Progress) -> str:
         return (f"global step {progress.global_step} (stage {stage.index} '{stage.name}', step "
@@ -250,8 +256,8 @@ class Trainer:
                                 str(self.last_good) if self.last_good else None, f"{stage.where}.lr")
 
     def _log_step(self, stage: ResolvedStage, progress: Progress, lr: float, stats: StepStats,
-                  seconds: float, health: StepHealth, rows: list[int] | None) -> None:
-        config = self.module.hf_model.config
+                  seconds: float, health: StepHealth, rows: list | None, source_tokens: dict[str, int]) -> None:
+        config, data = self.module.hf_model.config, self.data[stage.index]
         tokens = stage.tokens_per_step
         flops = training_flops(self.n_params, config.num_hidden_layers, attention_width(config), tokens,
                                stats.sum_sq_doc_lens)
@@ -265,8 +271,10 @@ class Trainer:
             "peak_mem_pred_gb": self.memory_plan.peak_gb(stage.index), "seq_len": stage.seq_len,
             "rope_theta": float(config.rope_parameters.get("rope_theta", 0.0)),
             "rope_type": config.rope_parameters.get("rope_type"), "sp_size": stage.sp_size,
-            "epoch": self.data[stage.index].epoch_after(progress.step_in_stage),
-            "tokens_seen": progress.tokens_seen,
+            "epoch": data.epoch_after(progress.step_in_stage),
+            "tokens_seen": progress.tokens_seen, "tokens_by_source": source_tokens,
+            "targets_by_source": data.by_source(stats.targets_by_source or [stats.targets]),
+            "epoch_by_source": data.epochs_after(progress.step_in_stage),
             "nonfinite": health.nonfinite, "update_skipped": health.update_skipped,
             "nonfinite_streak": health.streak,
         }

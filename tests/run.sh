@@ -13,7 +13,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q torch==2.13.0
 fi
-"$VPY" -m pip install -q -e ".[dev]"
+# wandb: the W&B tests run offline (tests/longtrain/test_wandb.py, test_mixture.py)
+"$VPY" -m pip install -q -e ".[dev,wandb]"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 # DeepSpeed compiles its shm comm op once per machine; keep the build cache inside the checkout's venv.

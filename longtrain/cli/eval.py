@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", default="sdpa", help="transformers attention (default sdpa)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward (windows batched)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wandb", metavar="PROJECT[/NAME]",
+                   help="also log the summary table and the plots to Weights & Biases (needs the wandb package; "
+                        "name default: the --out folder's name; offline: WANDB_MODE=offline)")
     return p
 
 
@@ -66,6 +69,9 @@ def _eval(args: argparse.Namespace) -> int:
     # Imported after parsing: torch and transformers take seconds to import.
     from longtrain.eval.report import markdown_table
     from longtrain.eval.runner import EvalConfig, run_eval
+    from longtrain.eval.tracking import check_wandb, log_eval
+
+    wandb_run = check_wandb(args.wandb)  # before any model is evaluated
 
     cfg = EvalConfig(
         lengths=args.lengths, stride=args.stride, bucket_size=args.bucket_size,
@@ -80,4 +86,6 @@ def _eval(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     for key, path in results["files"].items():
         print(f"{key}: {path}")
+    if wandb_run is not None:
+        print(f"wandb: {log_eval(results, args.out, *wandb_run)}")
     return 0

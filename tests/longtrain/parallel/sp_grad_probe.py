@@ -25,7 +25,7 @@ def probe(config: str, out_dir: Path, sp: int, mode: str, zero: int) -> None:
     trainer = Trainer(cfg, out_dir / f"run_{sp}_{mode}_z{zero}")
     trainer.setup()
     state = trainer.module.begin_stage(trainer.stages[0])
-    batches, _ = trainer.data[0].micro_batches(0)
+    batches = trainer.data[0].micro_batches(0).batches
     stats = trainer.module.forward_backward(batches, count_docs=state.sp_rank == 0)  # reduced, not applied
     out = {"loss": stats.loss, "targets": stats.targets}
     grads = {}
