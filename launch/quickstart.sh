@@ -119,7 +119,7 @@ else
   CONFIG=configs/quickstart_extend.yaml
   SETS+=(--set "model.name_or_path=$BASE")
   for n in 0 1; do SETS+=(--set "stages.$n.data=$OUT/data/ext$((256 << n))"); done
-  STEPS=(150 250)
+  STEPS=(150 350)
   [ "$SMOKE" = 1 ] && STEPS=(4 8)
 fi
 NST=${#STEPS[@]}
@@ -191,7 +191,7 @@ say "5/5 evaluate on held-out standard-library packages (never trained on)"
 # Copy gain at the distances whose sequences fill 128 and 512 tokens (96 = 0.75 L, 480 = 3.75 L with
 # 32-token passages), key-value retrieval at 128 = L and 512 = 4 L, passkey, perplexity by position.
 EVAL_ARGS=(--lengths 128 512 --passkey-lengths 128 512 --passkey-trials 4 --max-tokens 60000
-           --copy-passages 64 --kv-lengths 128 512 --kv-trials 20)
+           --copy-passages 128 --kv-lengths 128 512 --kv-trials 40)
 [ "$SMOKE" = 1 ] && EVAL_ARGS=(--lengths 128 512 --passkey-lengths 512 --passkey-depths 0.5 --passkey-trials 1
                                --max-tokens 2048 --copy-passages 2 --kv-depths 0.5 --kv-trials 1)
 $LT eval "$SHORT" "$OUT/export_extended_512" --names "$SHORT_NAME" extended-512@1M \
