@@ -20,4 +20,9 @@ export TOKENIZERS_PARALLELISM=false
 # DeepSpeed compiles its shm comm op once per machine; keep the build cache inside the checkout's venv.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Build it now, before any test: a trainer that compiles it at start-up holds the compiler's memory
+# when the memory plan measures its fixed overhead (tests/longtrain/test_plan.py compares the plan
+# with the measured peak), and the first multi-process test would spend its timeout compiling.
+"$VPY" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null 2>&1 \
+  || echo "note: DeepSpeed's shm comm op did not build now; the first training process will build it"
 exec "$VPY" -m pytest -q "$@" tests

@@ -106,7 +106,7 @@ def plan_stage(stage: ResolvedStage, shape: ModelShape, setup: TrainSetup, targe
     time = estimate_time(
         shape, setup, tokens_per_step=stage.tokens_per_step, world_size=target.world_size,
         seq_len=stage.seq_len, local_tokens=layout.local_tokens, sp_size=stage.sp_size, sp_mode=stage.sp_mode,
-        kv_repeat=layout.kv_repeat, grad_accum=stage.layout.grad_accum, data_dir=stage.config.data,
+        kv_repeat=layout.kv_repeat, grad_accum=stage.layout.grad_accum, sources=stage.config.sources(),
         peak_flops=target.peak_flops, efficiency=target.efficiency, zero_bandwidth=target.zero_bandwidth(),
         sp_bandwidth=target.sp_bandwidth(stage.sp_size))
     return StagePlan(stage=stage, memory=memory, time=time, limit_bytes=target.rank_limit(),

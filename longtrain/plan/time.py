@@ -67,6 +67,17 @@ def sum_sq_per_token(data_dir: str, seq_len: int) -> tuple[float, str]:
     return min(float(seq_len), squares / tokens), f"{meta_path} document-length histogram"
 
 
+def mixture_sum_sq_per_token(sources, seq_len: int) -> tuple[float, str]:
+    """``sum_sq_per_token`` of a stage's sources (``config.DataSource``), weighted by their share of the
+    rows: every row holds ``seq_len`` tokens, so a source's share of rows is its share of tokens."""
+    total = sum(s.weight for s in sources)
+    parts = [(s.weight / total, *sum_sq_per_token(s.path, seq_len)) for s in sources]
+    mean = sum(share * value for share, value, _ in parts)
+    if len(parts) == 1:
+        return mean, parts[0][2]
+    return mean, "mixture of " + "; ".join(f"{share:.0%}: {source}" for share, _, source in parts)
+
+
 def recompute_flops(shape: ModelShape, setup: TrainSetup, tokens: int, sum_sq: float) -> float:
     """One more forward of the decoder layers (2 FLOPs per layer parameter and token), with the
     attention's forward under full recomputation (selective keeps the kernel's output)."""
@@ -114,9 +125,9 @@ def sp_comm_bytes(shape: ModelShape, setup: TrainSetup, local_tokens: int, sp_si
 
 def estimate_time(shape: ModelShape, setup: TrainSetup, *, tokens_per_step: int, world_size: int,
                   seq_len: int, local_tokens: int, sp_size: int, sp_mode: str, kv_repeat: int, grad_accum: int,
-                  data_dir: str, peak_flops: float, efficiency: float, zero_bandwidth: float,
+                  sources: list, peak_flops: float, efficiency: float, zero_bandwidth: float,
                   sp_bandwidth: float) -> TimeEstimate:
-    per_token, source = sum_sq_per_token(data_dir, seq_len)
+    per_token, source = mixture_sum_sq_per_token(sources, seq_len)
     sum_sq = per_token * tokens_per_step
     model = training_flops(shape.n_params, shape.num_layers, shape.q_width, tokens_per_step, int(sum_sq))
     hardware = model + recompute_flops(shape, setup, tokens_per_step, sum_sq)

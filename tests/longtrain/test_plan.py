@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtrain.config import ConfigError, config_from_dict
+from longtrain.config import ConfigError, DataSource, config_from_dict
 from longtrain.model import count_parameters, load_model_config
 from longtrain.plan import activations as act
 from longtrain.plan import build_target, plan_run
@@ -18,7 +18,7 @@ from longtrain.plan.activations import Layout
 from longtrain.plan.setup import DS_DEFAULTS, TrainSetup
 from longtrain.plan.shapes import model_shape
 from longtrain.plan.target import Target, parse_bytes
-from longtrain.plan.time import sum_sq_per_token, zero_comm_bytes
+from longtrain.plan.time import mixture_sum_sq_per_token, sum_sq_per_token, zero_comm_bytes
 from longtrain.stages import ModelFacts, resolve_stages
 from tests.support import models, runs
 
@@ -184,6 +184,9 @@ def test_sum_of_squared_lengths_from_the_histogram(tmp_path):
     assert sum_sq_per_token(str(tmp_path / "missing"), 512) == (512.0, pytest.approx(
         sum_sq_per_token(str(tmp_path / "missing"), 512)[1]))
     assert "worst case" in sum_sq_per_token(str(tmp_path / "missing"), 512)[1]
+    # a mixture (a stage's data as a list): the sources' values weighted by their share of the rows
+    mixed, source = mixture_sum_sq_per_token([DataSource(str(tmp_path), 3.0), DataSource(str(tmp_path / "missing"), 1.0)], 512)
+    assert mixed == pytest.approx(0.75 * per_token + 0.25 * 512.0) and source.startswith("mixture of 75%")
 
 
 def test_communication_volume():
