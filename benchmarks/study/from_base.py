@@ -1,7 +1,7 @@
 """The study from the shipped base (``--from-base launch/quickstart_base``): which RoPE methods keep retrieval.
 
-Every method continues the same pretrained base (L = 128, base 10k) for the quickstart's last stage
-(350 steps x 2048 tokens at 512 = 4L, configs/study/from_base.yaml) on the quickstart's data (the
+Every method continues the same pretrained base (L = 128, base 10k) in the quickstart's last stage
+(its 512 = 4L stage, configs/study/from_base.yaml; 200 of its 350 steps x 2048 tokens by default) on the quickstart's data (the
 stdlib's top-level modules at weight 0.5 plus synthetic copy and key-value documents, prepared with
 the base's tokenizer); dynamic NTK is the base itself with a dynamic RoPE in its config (no
 training). All are evaluated by one ``longtrain eval`` on the quickstart's held-out packages:
@@ -27,9 +27,9 @@ from benchmarks.study.variants import write_rope_variant  # noqa: E402
 
 CONFIG = STUDY_CONFIGS / "from_base.yaml"
 LONG = 512
-TRAINED = {"abf-1e6": {"type": "default", "theta": 1000000},   # the quickstart's method
-           "pi-4": {"type": "linear", "factor": 4, "theta": 10000},
-           "yarn-4": {"type": "yarn", "factor": 4, "theta": 10000}}
+TRAINED = {"pi-4": {"type": "linear", "factor": 4, "theta": 10000},
+           "yarn-4": {"type": "yarn", "factor": 4, "theta": 10000},
+           "abf-1e6": {"type": "default", "theta": 1000000}}   # the quickstart's method
 TRAINING_FREE = {"dynamic-ntk-4": {"type": "dynamic", "factor": 4, "theta": 10000}}
 HELD_OUT = ("email", "json", "http", "logging")  # the quickstart's held-out stdlib packages
 COPY_D = (96, 480)
