@@ -192,7 +192,8 @@ def test_from_base_dry_run_trains_each_method_from_the_base(tmp_path, capsys):
     base = recipe.REPO / "launch" / "quickstart_base"
     assert cli.main(["--from-base", str(base), "--dry-run", "--work-dir", str(tmp_path / "w")]) == 0
     lines = [x[8:] for x in capsys.readouterr().out.splitlines() if x.startswith("[study] ") and ": -m " in x]
-    assert [x.split(":")[0] for x in lines] == ["prepare 512", "train pi-4", "train yarn-4", "train abf-1e6", "eval"]
+    assert [x.split(":")[0] for x in lines] == ["prepare 512", "train pi-4", "train yarn-4", "train abf-1e6", "eval base-128",
+        "eval dynamic-ntk-4", "eval pi-4", "eval yarn-4", "eval abf-1e6"]
     for line, rope in zip(lines[1:4], from_base.TRAINED.values()):
         assert f"model.name_or_path={base}" in line and "stages.0.steps=200" in line
         args = line.split(" --set ")[1:]

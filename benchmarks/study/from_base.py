@@ -4,9 +4,9 @@ Every method continues the same pretrained base (L = 128, base 10k) in the quick
 (its 512 = 4L stage, configs/study/from_base.yaml; 200 of its 350 steps x 2048 tokens by default) on the quickstart's data (the
 stdlib's top-level modules at weight 0.5 plus synthetic copy and key-value documents, prepared with
 the base's tokenizer); dynamic NTK is the base itself with a dynamic RoPE in its config (no
-training). All are evaluated by one ``longtrain eval`` on the quickstart's held-out packages:
+training). All are evaluated on the quickstart's held-out packages:
 perplexity at 128 and 512, repeat-copy gain at d = 96 (0.75 L) and 480 (3.75 L), key-value retrieval
-at 128 and 512. Outputs under the work dir: ``report_from_base.md``, ``from_base_results.json``,
+at 128 and 512, one ``longtrain eval`` per model. Outputs under the work dir: ``report_from_base.md``, ``from_base_results.json``,
 ``study_from_base.png``.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from benchmarks.study.evaluation import model_mtime  # noqa: E402
 from benchmarks.study.recipe import BASE_L, STUDY_CONFIGS, rope_override  # noqa: E402
 from benchmarks.study.runner import Runner, finished_step  # noqa: E402
-from benchmarks.study.variants import write_rope_variant  # noqa: E402
+from benchmarks.study.variants import variant_is_current, write_rope_variant  # noqa: E402
 
 CONFIG = STUDY_CONFIGS / "from_base.yaml"
 LONG = 512
@@ -89,18 +90,25 @@ def run_from_base(runner: Runner, base: Path, steps: int, quick: bool, docs_dir:
     models = [("base-128", base)]
     for name, rope in TRAINING_FREE.items():
         folder = runner.work / "export" / name
-        if not runner.dry_run:
+        if not runner.dry_run and not variant_is_current(folder, rope, BASE_L, model_mtime(base)):
             write_rope_variant(base, folder, rope, BASE_L)
         models.append((f"{name} (no training)", folder))
     for name, rope in TRAINED.items():
         models.append((name, train(runner, base, data, name, rope, steps)))
-    out = runner.work / "eval"
-    runner.longtrain("eval", ["eval", *[p for _, p in models], "--names", *[n for n, _ in models],
-                              "--data", held, "--out", out, *probe_args(quick)])
-    if runner.dry_run:
-        return None
-    return write_report(runner.work, json.loads((out / "results.json").read_text(encoding="utf-8")), steps,
-                        docs_dir)
+    results = {"models": [m for name, path in models for m in eval_model(runner, name, path, held, quick)]}
+    return None if runner.dry_run else write_report(runner.work, results, steps, docs_dir)
+
+
+def eval_model(runner: Runner, name: str, path: Path, held: Path, quick: bool) -> list[dict]:
+    """One `longtrain eval` per model (its models list), skipped while its results.json is newer
+    than the model: a re-run evaluates only what changed (probes are seeded per model, so one
+    call per model gives the numbers one call over all would)."""
+    out = runner.work / "eval" / name.split(" ")[0]
+    done = out / "results.json"
+    if runner.dry_run or not done.is_file() or model_mtime(path) >= done.stat().st_mtime:
+        runner.longtrain(f"eval {name.split(' ')[0]}", ["eval", path, "--names", name, "--data", held, "--out", out,
+                                                         *probe_args(quick)])
+    return [] if runner.dry_run else json.loads(done.read_text(encoding="utf-8"))["models"]
 
 
 def method_rows(results: dict) -> dict[str, dict]:
