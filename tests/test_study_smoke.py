@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.study import analysis, cli, corpus, recipe, report, runner, variants
+from benchmarks.study import analysis, cli, corpus, from_base, recipe, report, runner, variants
 from longtrain.config import load_config
 from longtrain.eval.loading import load_eval_model
 from longtrain.rope import apply_rope, rope_parameters
@@ -186,3 +186,32 @@ def test_dry_run_lists_the_pipeline(tmp_path, capsys):
     assert "export base" in steps and "eval x4 code" in steps and "eval x16 prose" in steps
     assert sum(s.startswith("train x4/") for s in steps) == 6 and sum(s.startswith("train x16/") for s in steps) == 4
     assert not (tmp_path / "w" / "runs").exists()  # nothing ran
+
+
+def test_from_base_dry_run_trains_each_method_from_the_base(tmp_path, capsys):
+    base = recipe.REPO / "launch" / "quickstart_base"
+    assert cli.main(["--from-base", str(base), "--dry-run", "--work-dir", str(tmp_path / "w")]) == 0
+    lines = [x[8:] for x in capsys.readouterr().out.splitlines() if x.startswith("[study] ") and ": -m " in x]
+    assert [x.split(":")[0] for x in lines] == ["prepare 512", "train pi-4", "train yarn-4", "train abf-1e6", "eval base-128",
+        "eval dynamic-ntk-4", "eval pi-4", "eval yarn-4", "eval abf-1e6"]
+    for line, rope in zip(lines[1:4], from_base.TRAINED.values()):
+        assert f"model.name_or_path={base}" in line and "stages.0.steps=200" in line
+        args = line.split(" --set ")[1:]
+        cfg = load_config(from_base.CONFIG, [a.split(" --")[0] for a in args])
+        assert cfg.stages[0].rope == rope and cfg.stages[0].seq_len * cfg.stages[0].micro_batch_size == 2048
+    assert "--copy-distances 96 480" in lines[-1] and "--kv-lengths 128 512" in lines[-1]
+    assert not (tmp_path / "w" / "runs").exists()
+
+
+def test_from_base_report_says_which_methods_keep_retrieval(tmp_path):
+    def model(name, gain480, kv512):
+        return {"name": name, "perplexity": {"128": {"ppl": 9.0}, "512": {"ppl": 8.0}},
+                "copy": [{"distance": 96, "gain": 1.2}, {"distance": 480, "gain": gain480}],
+                "kv": {"128": {"0.5": 0.8}, "512": {"0.1": kv512, "0.9": kv512 / 2}}}
+    results = {"models": [model("base-128", -2.5, 0.0), model("abf-1e6", 1.1, 1.0), model("pi-4", 1.5, 1.2)]}
+    out = from_base.write_report(tmp_path, results, 350, None)
+    keep = {n: r["keeps_retrieval"] for n, r in out["rows"].items()}
+    assert keep == {"base-128": False, "abf-1e6": False, "pi-4": True}  # kv@512 is the mean over depths
+    assert out["rows"]["pi-4"]["kv_512"] == pytest.approx(0.9)
+    assert "| pi-4 | 9.00 | 8.00 | +1.20 | +1.50 | 0.80 | 0.90 | yes |" in (tmp_path / "report_from_base.md").read_text()
+    assert 5_000 < (tmp_path / "study_from_base.png").stat().st_size < 300_000

@@ -13,6 +13,11 @@ from its last checkpoint. Outputs under --work-dir: ``report.md`` (tables and go
 ``study_results.json`` (every number), ``study_*.png`` (plots), ``timings.json``, ``logs/``.
 ``--quick`` shrinks everything (steps, corpus) to check the plumbing in a few minutes;
 ``--dry-run`` prints the commands without running them.
+
+``--from-base launch/quickstart_base`` runs the study from the shipped pretrained base instead
+(benchmarks/study/from_base.py): ABF, PI and YaRN each extend it to 512 (200 steps, or
+``--extend-steps``), dynamic NTK without training, all with the quickstart's retrieval probes;
+default work dir ``runs/study_from_base``.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 
 from benchmarks.study.corpus import SHARED_DATA
 from benchmarks.study.evaluation import evaluate
+from benchmarks.study.from_base import run_from_base
 from benchmarks.study.recipe import RECIPE, REPO, load_study, plan_runs, study_steps
 from benchmarks.study.report import report
 from benchmarks.study.runner import Runner, prepare_data, train_base, train_method
@@ -33,7 +39,10 @@ from longtrain.checkpoint import tag_for
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work-dir", default=str(REPO / "runs" / "study"), help="everything the study writes")
+    p.add_argument("--work-dir", help="everything the study writes (default: runs/study, or "
+                   "runs/study_from_base with --from-base)")
+    p.add_argument("--from-base", metavar="DIR", help="start from this pretrained HF base (e.g. "
+                   "launch/quickstart_base): every method extends it to 512, probed for retrieval")
     p.add_argument("--shared-data", default=str(SHARED_DATA), help="the shared data folder (corpora/)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="extension seeds (data order)")
     p.add_argument("--arms", nargs="+", default=["x4", "x16"], help="arms of methods.yaml to run")
@@ -49,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = Path(args.work_dir).resolve()
+    if args.from_base:
+        return main_from_base(args)
+    work = Path(args.work_dir or REPO / "runs" / "study").resolve()
     recipe, methods = load_study()
     steps = study_steps(recipe, args.quick, args.base_steps, args.extend_steps)
     if args.quick:
@@ -75,6 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         write_timings(work / "timings.json", runner.timings, total)
     print(f"[study] finished in {total / 60:.1f} min; report: {work / 'report.md'}")
+    return 0
+
+
+def main_from_base(args: argparse.Namespace) -> int:
+    base = Path(args.from_base).resolve()
+    if not (base / "config.json").is_file() or not (base / "tokenizer.model").is_file():
+        raise SystemExit(f"--from-base {base}: not a model folder with config.json and tokenizer.model")
+    work = Path(args.work_dir or REPO / "runs" / "study_from_base").resolve()
+    runner = Runner(work, args.dry_run, args.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # 200 of the quickstart's 350 steps at 512: three trainings fit in ~30 min on 2 busy cores.
+    steps = args.extend_steps or (4 if args.quick else 200)
+    run_from_base(runner, base, steps, args.quick, Path(args.docs_dir) if args.docs_dir else None)
+    total = time.perf_counter() - start
+    if not args.dry_run:
+        write_timings(work / "timings.json", runner.timings, total)
+    print(f"[study] finished in {total / 60:.1f} min; report: {work / 'report_from_base.md'}")
     return 0
 
 
