@@ -275,5 +275,12 @@ def test_trainer_logs_the_predicted_peak_next_to_the_measured_one(baseline_run):
     for record in records:
         assert record["peak_mem_pred_gb"] > 0
     last = records[-1]
-    # a tiny model: the process's fixed overhead dominates both numbers
-    assert abs(last["peak_mem_pred_gb"] / last["peak_mem_gb"] - 1) < 0.15, last
+    # The plan's figure is the stage's, logged unchanged at every step of it.
+    for stage in {r["stage_index"] for r in records}:
+        assert len({r["peak_mem_pred_gb"] for r in records if r["stage_index"] == stage}) == 1
+    # A tiny model: the process's fixed overhead (interpreter, torch's libraries) is nearly all of both
+    # numbers, and the measured peak RSS of this very run moves with the page cache (file-backed pages of
+    # the libraries count in RSS): 0.54 to 0.78 GiB for the same run on this machine in one day. So this
+    # only catches a gross error; the +-15% accuracy is measured where the model's memory dominates
+    # (benchmarks/bench_plan.py, README "Will it fit?").
+    assert 0.5 < last["peak_mem_pred_gb"] / last["peak_mem_gb"] < 2, last
