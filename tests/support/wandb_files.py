@@ -7,6 +7,7 @@ blocks of chunks with a 7-byte header each: crc32, length, type) and ships no Py
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -50,11 +51,28 @@ def records(path: Path) -> list:
     return out
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records once the run's ``exit`` record is in the file: wandb's core process writes the file
+    asynchronously and may still be flushing it when ``run.finish()`` has returned (seen in CI: the
+    history record arrived after the test had read the file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = records(path)
+        except Exception:  # a chunk still being written; a damaged file raises again at the deadline
+            if time.monotonic() > deadline:
+                raise
+            found = []
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def history(run_folder: Path) -> list[dict]:
     """The logged rows (``run.log`` calls) of one offline run folder, values decoded from JSON."""
     (path,) = run_folder.glob("run-*.wandb")
     rows = []
-    for record in records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                          for item in record.history.item})
