@@ -7,7 +7,8 @@
   attention work evenly) and by ``peak x efficiency``.
 - ``sum(len^2)``: from the dataset's ``meta.json`` document-length histogram (``data_prep/stats.py``:
   power-of-two bins; a bin counts as documents of 1.5x its start, capped at the longest; each
-  document is cut into rows of ``seq_len``), else the worst case, one document per row.
+  document is cut into rows of ``seq_len``), else the worst case, one document per row; a mixture
+  takes each source's by its share of the rows.
 - Communication per rank (ring algorithms: ``(W-1)/W`` of the message crosses each rank's link): ZeRO-0
   all-reduce ``2N`` per step; ZeRO-1 reduce-scatter + all-gather ``2N`` per step; ZeRO-2 reduce-scatter
   per micro-batch + all-gather ``N``; ZeRO-3 all-gathers in forward, recomputation and backward plus a
