@@ -50,6 +50,7 @@ def prepare(runner: Runner, base: Path, quick: bool) -> tuple[Path, Path]:
             "--stride", LONG * 3 // 4, "--input", f"{src}:0.5",
             "--input", f"synthetic:copy?{syn}&min_passage=8&max_passage=32",
             "--input", f"synthetic:copy?docs={docs // 2}&source={src}&min_passage=8&max_passage=32&passage=words",
+            "--input", f"synthetic:copy?{syn}&min_passage=16&max_passage=32&min_distance={LONG // 2}",
             "--input", f"synthetic:kv?{syn}&keys=4", "--out", data, "--skip-bad", "--seed", 0, "--overwrite",
             "--no-progress"])
     held = runner.work / "held_out"
