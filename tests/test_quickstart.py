@@ -60,6 +60,11 @@ def test_quickstart_smoke_from_the_shipped_base(tmp_path):
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13)), "interrupted and resumed, no step twice"
     assert [(r["seq_len"], r["rope_theta"]) for r in records] == [(256, 1e5)] * 4 + [(512, 1e6)] * 8
+    for n in (256, 512):  # code, copies near and far (from n / 2 up), key-value documents
+        sources = json.loads((out / "data" / f"ext{n}" / "meta.json").read_text())["sources"]
+        assert [s["kind"] for s in sources] == ["glob"] + ["synthetic"] * 4
+        assert sum(f"min_distance={n // 2}" in s["path"] for s in sources) == 1
+        assert all(s["documents_train"] == 20 for s in sources[1:] if "passage=words" not in s["path"])
     cfg = json.loads((out / "export_extended_512" / "config.json").read_text())
     assert cfg["max_position_embeddings"] == 512 and cfg["rope_parameters"]["rope_theta"] == 1e6
     results = json.loads((out / "eval" / "results.json").read_text())
