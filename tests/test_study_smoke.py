@@ -190,7 +190,9 @@ def test_dry_run_lists_the_pipeline(tmp_path, capsys):
 
 def test_from_base_dry_run_trains_each_method_from_the_base(tmp_path, capsys):
     base = recipe.REPO / "launch" / "quickstart_base"
-    assert cli.main(["--from-base", str(base), "--dry-run", "--work-dir", str(tmp_path / "w")]) == 0
+    docs = tmp_path / "new" / "docs"  # created before any work, so the plots' copy at the end cannot fail
+    assert cli.main(["--from-base", str(base), "--dry-run", "--work-dir", str(tmp_path / "w"), "--docs-dir", str(docs)]) == 0
+    assert docs.is_dir()
     lines = [x[8:] for x in capsys.readouterr().out.splitlines() if x.startswith("[study] ") and ": -m " in x]
     assert [x.split(":")[0] for x in lines] == ["prepare 512", "train pi-4", "train yarn-4", "train abf-1e6", "eval base-128",
         "eval dynamic-ntk-4", "eval pi-4", "eval yarn-4", "eval abf-1e6"]
@@ -201,6 +203,9 @@ def test_from_base_dry_run_trains_each_method_from_the_base(tmp_path, capsys):
         assert cfg.stages[0].rope == rope and cfg.stages[0].seq_len * cfg.stages[0].micro_batch_size == 2048
     assert "--copy-distances 96 480" in lines[-1] and "--kv-lengths 128 512" in lines[-1]
     assert not (tmp_path / "w" / "runs").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--docs-dir .*cannot create it"):
+        cli.main(["--from-base", str(base), "--dry-run", "--work-dir", str(tmp_path / "w"), "--docs-dir", str(tmp_path / "file" / "d")])
 
 
 def test_from_base_report_says_which_methods_keep_retrieval(tmp_path):

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_base:
         return main_from_base(args)
     work = Path(args.work_dir or REPO / "runs" / "study").resolve()
+    docs_dir = make_docs_dir(args)
     recipe, methods = load_study()
     steps = study_steps(recipe, args.quick, args.base_steps, args.extend_steps)
     if args.quick:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = evaluate(runner, methods, args.arms, runs, base_dir, steps)
     if not args.dry_run:
-        report(work, methods, args.arms, runs, results, steps, Path(args.docs_dir) if args.docs_dir else None)
+        report(work, methods, args.arms, runs, results, steps, docs_dir)
     total = time.perf_counter() - start
     if not args.dry_run:
         write_timings(work / "timings.json", runner.timings, total)
@@ -94,17 +95,31 @@ def main_from_base(args: argparse.Namespace) -> int:
     if not (base / "config.json").is_file() or not (base / "tokenizer.model").is_file():
         raise SystemExit(f"--from-base {base}: not a model folder with config.json and tokenizer.model")
     work = Path(args.work_dir or REPO / "runs" / "study_from_base").resolve()
+    docs_dir = make_docs_dir(args)
     runner = Runner(work, args.dry_run, args.threads)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # 200 of the quickstart's 350 steps at 512: three trainings fit in ~30 min on 2 busy cores.
     steps = args.extend_steps or (4 if args.quick else 200)
-    run_from_base(runner, base, steps, args.quick, Path(args.docs_dir) if args.docs_dir else None)
+    run_from_base(runner, base, steps, args.quick, docs_dir)
     total = time.perf_counter() - start
     if not args.dry_run:
         write_timings(work / "timings.json", runner.timings, total)
     print(f"[study] finished in {total / 60:.1f} min; report: {work / 'report_from_base.md'}")
     return 0
+
+
+def make_docs_dir(args: argparse.Namespace) -> Path | None:
+    """--docs-dir, created now: a path that cannot be a folder fails before the study's minutes of work,
+    not at its end when the plots are copied."""
+    if not args.docs_dir:
+        return None
+    path = Path(args.docs_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--docs-dir {path}: cannot create it ({e.strerror}); pass a folder path")
+    return path
 
 
 def write_timings(path: Path, timings: dict[str, float], total: float) -> None:
