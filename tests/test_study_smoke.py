@@ -204,8 +204,13 @@ def test_from_base_dry_run_trains_each_method_from_the_base(tmp_path, capsys):
     assert "--copy-distances 96 480" in lines[-1] and "--kv-lengths 128 512" in lines[-1]
     assert not (tmp_path / "w" / "runs").exists()
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="--docs-dir .*cannot create it"):
-        cli.main(["--from-base", str(base), "--dry-run", "--work-dir", str(tmp_path / "w"), "--docs-dir", str(tmp_path / "file" / "d")])
+    work = ["--dry-run", "--work-dir", str(tmp_path / "w")]
+    bad = {"--docs-dir": ["--from-base", str(base), "--docs-dir", str(tmp_path / "file" / "d")],
+           "--from-base": ["--from-base", str(tmp_path)], "--arms": ["--arms", "x99"]}
+    for option, args in bad.items():  # one line naming the option, exit 2, as for longtrain's commands
+        assert cli.main(work + args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"python -m benchmarks.study: error: {option} "), err
 
 
 def test_from_base_report_says_which_methods_keep_retrieval(tmp_path):

@@ -34,6 +34,7 @@ from benchmarks.study.recipe import RECIPE, REPO, load_study, plan_runs, study_s
 from benchmarks.study.report import report
 from benchmarks.study.runner import Runner, prepare_data, train_base, train_method
 from longtrain.checkpoint import tag_for
+from longtrain.errors import UserError, run_command
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Bad input (an option, a missing corpus or base) is one line on stderr and exit 2, as for longtrain's
+    own commands (longtrain.errors); a failed step exits 1 with its log's tail (runner.Runner)."""
+    return run_command("python -m benchmarks.study", lambda: run_study(parse_args(argv)))
+
+
+def run_study(args: argparse.Namespace) -> int:
     if args.from_base:
         return main_from_base(args)
     work = Path(args.work_dir or REPO / "runs" / "study").resolve()
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds = args.seeds[:1]
     unknown = [a for a in args.arms if a not in methods["arms"]]
     if unknown:
-        raise SystemExit(f"--arms {unknown}: methods.yaml has {sorted(methods['arms'])}")
+        raise UserError(f"--arms {unknown}: methods.yaml has {sorted(methods['arms'])}")
     runner = Runner(work, args.dry_run, args.threads)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_from_base(args: argparse.Namespace) -> int:
     base = Path(args.from_base).resolve()
     if not (base / "config.json").is_file() or not (base / "tokenizer.model").is_file():
-        raise SystemExit(f"--from-base {base}: not a model folder with config.json and tokenizer.model")
+        raise UserError(f"--from-base {base}: not a model folder with config.json and tokenizer.model")
     work = Path(args.work_dir or REPO / "runs" / "study_from_base").resolve()
     docs_dir = make_docs_dir(args)
     runner = Runner(work, args.dry_run, args.threads)
@@ -118,7 +124,7 @@ def make_docs_dir(args: argparse.Namespace) -> Path | None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--docs-dir {path}: cannot create it ({e.strerror}); pass a folder path")
+        raise UserError(f"--docs-dir {path}: cannot create it ({e.strerror}); pass a folder path")
     return path
 
 

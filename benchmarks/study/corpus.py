@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 from benchmarks.study.recipe import REPO
+from longtrain.errors import UserError
 
 # ../shared/data beside the checkout (DESIGN.md); LONGTRAIN_SHARED_DATA overrides it.
 SHARED_DATA = Path(os.environ.get("LONGTRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -44,7 +45,7 @@ def build_corpus(out: Path, shared: Path, quick: bool) -> dict:
     corpora = shared / "corpora"
     missing = [n for n in (*TRAIN_BOOKS, WIKITEXT) if not (corpora / n).is_file()]
     if missing:
-        raise SystemExit(f"study corpus not found: {', '.join(str(corpora / n) for n in missing)} "
+        raise UserError(f"study corpus not found: {', '.join(str(corpora / n) for n in missing)} "
                          "(pass --shared-data or set LONGTRAIN_SHARED_DATA)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

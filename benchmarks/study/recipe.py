@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from longtrain.errors import UserError
+
 REPO = Path(__file__).resolve().parents[2]
 STUDY_CONFIGS = REPO / "configs" / "study"
 RECIPE = STUDY_CONFIGS / "recipe.yaml"
@@ -23,7 +25,7 @@ def load_study(configs: Path = STUDY_CONFIGS) -> tuple[dict, dict]:
     methods = yaml.safe_load((configs / "methods.yaml").read_text(encoding="utf-8"))
     base = recipe["stages"][0]
     if base["seq_len"] != BASE_L or recipe["model"]["config"]["max_position_embeddings"] != BASE_L:
-        raise SystemExit(f"configs/study/recipe.yaml: the study assumes L = {BASE_L} (stage 0 seq_len and "
+        raise UserError(f"configs/study/recipe.yaml: the study assumes L = {BASE_L} (stage 0 seq_len and "
                          "model.config.max_position_embeddings)")
     return recipe, methods
 
