@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 
 import pytest
 
+from benchmarks.study import cli as study_cli
 from tests.support.paths import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
@@ -50,7 +52,7 @@ def test_quickstart_smoke_runs_the_whole_pipeline(tmp_path):
 
 
 
-def test_quickstart_smoke_from_the_shipped_base(tmp_path):
+def test_quickstart_smoke_from_the_shipped_base(tmp_path, capsys):
     if not (BASE / "config.json").is_file():
         pytest.skip(f"no pretrained base in this checkout ({BASE}): benchmarks/pretrain_base.py writes it")
     out = tmp_path / "qs"
@@ -65,6 +67,14 @@ def test_quickstart_smoke_from_the_shipped_base(tmp_path):
         assert [s["kind"] for s in sources] == ["glob"] + ["synthetic"] * 4
         assert sum(f"min_distance={n // 2}" in s["path"] for s in sources) == 1
         assert all(s["documents_train"] == 20 for s in sources[1:] if "passage=words" not in s["path"])
+    # The study from the base (benchmarks/study/from_base.py) trains on the same 512 mix: its prepare
+    # command, written again in Python, has the same inputs and weights but for the documents per input.
+    assert study_cli.main(["--from-base", str(BASE), "--dry-run", "--work-dir", str(tmp_path / "study")]) == 0
+    prepare = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[study] prepare 512:")).split()
+    study_inputs = [prepare[i + 1] for i, x in enumerate(prepare) if x == "--input"]
+    sources = json.loads((out / "data" / "ext512" / "meta.json").read_text())["sources"]
+    quickstart_inputs = [s["path"] + ("" if s["kind"] == "synthetic" else f":{s['weight']}") for s in sources]
+    assert [re.sub(r"docs=\d+", "docs=N", x) for x in study_inputs] == [re.sub(r"docs=\d+", "docs=N", x) for x in quickstart_inputs]
     cfg = json.loads((out / "export_extended_512" / "config.json").read_text())
     assert cfg["max_position_embeddings"] == 512 and cfg["rope_parameters"]["rope_theta"] == 1e6
     results = json.loads((out / "eval" / "results.json").read_text())
