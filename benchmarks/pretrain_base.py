@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from tests.support.env import child_env  # noqa: E402  (after the repository is on the path)
+
 RECIPE = REPO / "configs" / "pretrain_base.yaml"
 HELD_OUT = ("email", "json", "http", "logging")  # the quickstart evaluates on these; never trained on
 L = 128
@@ -77,10 +78,9 @@ class Runner:
         self.work = work
         self.timings_file = work / "timings.json"
         self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.exists() else {}
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                        TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-        # DeepSpeed compiles a communication op at the first start (~30 s); cached here, as the quickstart does.
-        self.env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+        # Offline, `threads` OMP threads, unbuffered, DeepSpeed's compiled op cached in .venv (~30 s at the
+        # first start otherwise): the environment the tests' and the study's subprocesses get.
+        self.env = child_env(threads=threads)
 
     def record(self, label: str, seconds: float) -> None:
         self.timings[label] = round(self.timings.get(label, 0.0) + seconds, 1)
@@ -226,7 +226,6 @@ def main(argv=None) -> int:
     run_dir = train(runner, work, data, manifest, max(1, args.probe_every // (100 if args.quick else 1)), args.quick)
     out = work / "quick_export" if args.quick else (REPO / args.out).resolve()
     runner.longtrain("export", ["export", run_dir, out, "--dtype", "fp32", "--overwrite", "--no-progress"])
-    from longtrain.export import load_checkpoint_model  # noqa: F401  (probes below load the export itself)
     final = final_figures(out, manifest)
     runner.record("total", time.perf_counter() - start)
     (work / "final.json").write_text(json.dumps({"manifest": manifest, "figures": final,
